@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Probe a distilled student (and its rebuilt random teacher, and the pixels) on any registered dataset.
+
+    python probe.py --student runs/distill-digits-resnet18-a1e-10-s0              # the dataset it was trained on
+    python probe.py --student runs/distill-tinyimagenet-vgg11-a1e-10-s0 --dataset cifar10   # transfer (Tables 2, 4)
+
+`--student` is a run folder, a save_pretrained folder or a Hub model id. Linear and k-NN probes on eval-mode
+encoder features (SPEC §3); prints the table and writes probe_table.csv and probe_results.json.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+
+from utils.cli import ArgumentParser, UsageError, add_data_args, add_probe_args, main_guard
+from utils.data import Normalizer, load_dataset, validation_split
+from utils.hub import resolve_student
+from utils.probing import extract_features, probe_features
+from utils.results import environment, format_table, probe_table, summarize, write_json, write_table
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", required=True, help="run folder, save_pretrained folder or Hub model id")
+    p.add_argument("--student-revision", help="Hub revision of the student")
+    add_data_args(p, default_dataset=None)
+    add_probe_args(p)
+    p.add_argument("--val-size", type=int, default=0, help="hold out this many training images for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    p.add_argument("--no-teacher", action="store_true", help="skip the teacher rebuilt from the student's seed")
+    p.add_argument("--input", action="store_true", help="also probe the raw pixels")
+    p.add_argument("--output-dir", help="where to write the table (default: <run>/probes/<dataset>, or "
+                                        "runs/probe-<student>-<dataset>)")
+    return p.parse_args(argv)
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.time()
+    accelerator = Accelerator()
+    student, run_config = resolve_student(args.student, revision=args.student_revision)
+    dataset = args.dataset or (run_config or {}).get("dataset")
+    if dataset is None:
+        raise UsageError("--dataset", "required when --student is not a run folder")
+    with accelerator.main_process_first():
+        data = load_dataset(dataset, args.image_column, args.label_column, args.train_split, args.test_split,
+                            args.revision, args.image_size, args.data_cache)
+    device = accelerator.device
+    train_idx, val_idx = validation_split(len(data.train), args.val_size, args.seed) if args.val_size else \
+        (torch.arange(len(data.train)), None)
+    train = data.train.subset(train_idx).to(device)
+    evals = {"test": data.test.to(device)} | ({"val": data.train.subset(val_idx).to(device)} if args.val_size else {})
+    normalize = Normalizer(data.mean, data.std, device)
+
+    def probe(subject, encoder):
+        def feats(images):
+            return extract_features(encoder, len(images), lambda i: normalize(images[i]), args.probe_batch_size,
+                                    accelerator, accelerator.autocast)
+
+        sets = {k: (feats(s.images), s.labels) for k, s in evals.items()}
+        return probe_features((feats(train.images), train.labels), sets, data.num_classes, args, subject)
+
+    subjects = [("student", student)]
+    if not args.no_teacher and student.seeds["teacher_seed"] is not None:
+        subjects.append(("teacher", student.build_teacher()))
+    results = {}
+    for subject, net in subjects:
+        results |= probe(subject, net.to(device).eval().encoder)
+    if args.input:
+        results |= probe("input", torch.nn.Flatten())
+
+    name = Path(dataset).name
+    out = Path(args.output_dir) if args.output_dir else (
+        Path(args.student) / "probes" / name if run_config else Path("runs") / f"probe-{Path(args.student).name}-{name}")
+    rows = [{"epoch": 0, "step": 0, "metric": k, "value": v} for k, v in results.items()]
+    table = probe_table(summarize(pd.DataFrame(rows)))
+    table = table[[c for c in table.columns if c.endswith("final") or c.endswith("@val")]]
+    table.columns = [c.replace(" final", "") for c in table.columns]
+    if accelerator.is_main_process:
+        write_table(out / "probe_table.csv", table.reset_index())
+        write_json(out / "probe_results.json", {"student": args.student, "dataset": dataset, "results": results,
+                                                "args": vars(args), "environment": environment(),
+                                                "wall_time_s": round(time.time() - started, 1)})
+        print(f"Probe accuracy (%) of {args.student} on {dataset} -> {out}")
+        print(format_table(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Run folders, atomic writes, tidy metric tables, summaries, the probe table and the probe-vs-epoch figure."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+SUBJECTS = ("input", "teacher", "student")
+PROBES = ("linear", "knn", "linear_std", "knn_std")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_table(path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def environment() -> dict:
+    versions = {}
+    for pkg in ("torch", "torchvision", "accelerate", "datasets", "huggingface-hub"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent)
+        sha = done.stdout.strip() if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {"python": platform.python_version(), "versions": versions, "git_sha": sha}
+
+
+class MetricLog:
+    """Tidy metrics: one row per (epoch, step, metric). Rewritten atomically to metrics.csv on `flush`."""
+
+    def __init__(self, path):
+        self.path, self.rows = Path(path), []
+
+    def log(self, epoch: int, step: int, values: dict) -> None:
+        self.rows += [{"epoch": epoch, "step": step, "metric": k, "value": float(v)} for k, v in values.items()]
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["epoch", "step", "metric", "value"])
+
+    def flush(self) -> None:
+        write_table(self.path, self.frame())
+
+
+def summarize(df: pd.DataFrame) -> dict:
+    """Best (max over probed epochs after init, as the paper reports) and final test accuracy per subject and
+    probe; with a validation split also the test accuracy at the epoch that is best on validation."""
+    out: dict = {}
+    for subject in SUBJECTS:
+        for probe in PROBES:
+            test = df[df.metric == f"{subject}/{probe}/test"].sort_values("epoch")
+            if test.empty:
+                continue
+            after_init = test[test.epoch > 0] if subject == "student" else test
+            entry = {"final": test.value.iloc[-1], "init": test.value.iloc[0] if subject == "student" else None,
+                     "best": after_init.value.max() if len(after_init) else math.nan,
+                     "best_epoch": int(after_init.epoch.iloc[after_init.value.argmax()]) if len(after_init) else None}
+            val = df[df.metric == f"{subject}/{probe}/val"].sort_values("epoch")
+            val = val[val.epoch > 0] if subject == "student" else val
+            if len(val):
+                epoch = int(val.epoch.iloc[val.value.argmax()])
+                entry["val_selected_epoch"] = epoch
+                entry["test_at_best_val"] = test[test.epoch == epoch].value.iloc[0]
+            out.setdefault(subject, {})[probe] = entry
+    return out
+
+
+def probe_table(summary: dict) -> pd.DataFrame:
+    """Subjects as rows; `<probe> best` / `<probe> final` columns in percent."""
+    rows = []
+    for subject in SUBJECTS:
+        if subject not in summary:
+            continue
+        row = {"subject": subject}
+        for probe, entry in summary[subject].items():
+            row[f"{probe} best"] = 100 * entry["best"]
+            row[f"{probe} final"] = 100 * entry["final"]
+            if "test_at_best_val" in entry:
+                row[f"{probe} @val"] = 100 * entry["test_at_best_val"]
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("subject")
+
+
+def format_table(table: pd.DataFrame) -> str:
+    return table.to_string(float_format=lambda v: f"{v:6.2f}", na_rep="   -")
+
+
+def plot_probes(df: pd.DataFrame, path, title: str = "") -> None:
+    """Probe accuracy vs epoch like the paper's Fig. 1: student line, teacher level, input dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probes = [p for p in PROBES if (df.metric == f"student/{p}/test").any()]
+    fig, axes = plt.subplots(1, len(probes), figsize=(4.2 * len(probes), 3.4), squeeze=False)
+    for ax, probe in zip(axes[0], probes):
+        student = df[df.metric == f"student/{probe}/test"].sort_values("epoch")
+        ax.plot(student.epoch, 100 * student.value, "o-", color="C1", label="student")
+        for subject, style, color in (("teacher", "-", "C0"), ("input", "--", "k")):
+            level = df[df.metric == f"{subject}/{probe}/test"].value
+            if len(level):
+                ax.axhline(100 * level.mean(), linestyle=style, color=color, label=subject)
+        ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{probe.replace('_', ' ')} probe")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

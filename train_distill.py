@@ -11,7 +11,10 @@ Writes config.json, metrics.csv, summary.json, probe_table.csv, probe_accuracy.p
 """
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,10 +24,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from utils.checkpoint import PreemptionSignal, list_checkpoints, load_latest_checkpoint, save_checkpoint
 from utils.cli import ArgumentParser, UsageError, add_data_args, add_probe_args, check_range, main_guard
 from utils.data import (Normalizer, class_balanced_subset, epoch_order, load_dataset, noise_inputs, rank_slice,
                         validation_split)
 from utils.distill import DistillStep, TeacherTargets, make_optimizer
+from utils.hub import new_run_id, push_or_explain, write_model_card
 from utils.losses import LOSSES, loss_diagnostics
 from utils.models import BOTTLENECK_PRESETS, ENCODERS, NORMS, make_teacher_student, parse_bottleneck
 from utils.probing import extract_features, probe_features
@@ -72,6 +77,15 @@ def parse_args(argv=None):
     r.add_argument("--output-dir", help="run folder (default: runs/distill-<dataset>-<model>-a<alpha>-s<seed>)")
     r.add_argument("--overwrite", action="store_true", help="rerun even if the run folder holds a finished run")
     r.add_argument("--log-every", type=int, default=25, help="log train diagnostics every N steps")
+    r.add_argument("--checkpoint-every", type=int, default=5,
+                   help="save a resumable checkpoint every N epochs and at the end (0: only on SIGTERM/SIGUSR1)")
+    r.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    r.add_argument("--resume", action="store_true",
+                   help="require resuming from a checkpoint (by default a run resumes when it finds one)")
+    h = p.add_argument_group("Hugging Face Hub")
+    h.add_argument("--push-to-hub", metavar="REPO", help="upload the student and the metric tables to this repo")
+    h.add_argument("--hub-private", action="store_true", help="create the repo as private")
+    h.add_argument("--push-only", metavar="RUN_DIR", help="only (re)try the upload of a finished run folder")
     s = p.add_argument_group("speed (opt-in options change numerics slightly)")
     s.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
                    help="autocast for student and teacher (default: from the accelerate config)")
@@ -82,10 +96,13 @@ def parse_args(argv=None):
     s.add_argument("--sync-bn", choices=("auto", "on", "off"), default="auto",
                    help="BN statistics over the global batch with several GPUs (auto: on for multi-GPU)")
     args = p.parse_args(argv)
+    if args.push_only:
+        return args
     check_range("--alpha", args.alpha, 0.0, 1.0)
-    for flag in ("epochs", "batch_size", "out_dim", "bottleneck_dim", "probe_epochs", "knn_k", "log_every"):
+    for flag in ("epochs", "batch_size", "out_dim", "bottleneck_dim", "probe_epochs", "knn_k", "log_every",
+                 "checkpoint_every", "keep_checkpoints"):
         check_range("--" + flag.replace("_", "-"), getattr(args, flag), integer_min=0 if flag in
-                    ("epochs", "log_every") else 1)
+                    ("epochs", "log_every", "checkpoint_every") else 1)
     try:
         parse_bottleneck(args.bottleneck)
     except ValueError as err:
@@ -93,9 +110,42 @@ def parse_args(argv=None):
     return args
 
 
+# Arguments that may differ between an interrupted run and its resumption; every other one must match.
+RESUMABLE_CHANGES = {"epochs", "output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "push_only",
+                     "checkpoint_every", "keep_checkpoints", "log_every", "probe_batch_size", "data_cache"}
+
+
+def push_only(args) -> int:
+    run_dir = Path(args.push_only)
+    if not (run_dir / "summary.json").exists():
+        raise UsageError("--push-only", f"{run_dir} holds no finished run (no summary.json)")
+    config = json.loads((run_dir / "config.json").read_text())
+    repo = args.push_to_hub or config.get("push_to_hub")
+    if not repo:
+        raise UsageError("--push-to-hub", "name the repo to push to")
+    return 0 if push_or_explain(run_dir, repo, config["run_id"], args.hub_private, "train_distill.py") else 1
+
+
+def check_resumable(out: Path, args) -> dict | None:
+    """The config of the interrupted run in `out`, if it may be resumed with these arguments."""
+    if not list_checkpoints(out / "checkpoints") or not (out / "config.json").exists():
+        if args.resume:
+            raise UsageError("--resume", f"no checkpoint in {out / 'checkpoints'}")
+        return None
+    previous = json.loads((out / "config.json").read_text())
+    changed = sorted(k for k, v in vars(args).items() if k not in RESUMABLE_CHANGES and previous.get(k) != v)
+    if changed:
+        raise UsageError("--" + changed[0].replace("_", "-"),
+                         f"{out} holds an interrupted run made with different arguments "
+                         f"({', '.join(changed)}); pass --overwrite to start over or use another --output-dir")
+    return previous
+
+
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
+    if args.push_only:
+        return push_only(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     is_main, world, rank, device = (accelerator.is_main_process, accelerator.num_processes,
                                     accelerator.process_index, accelerator.device)
@@ -104,6 +154,10 @@ def main(argv=None):
     if (out / "summary.json").exists() and not args.overwrite:
         accelerator.print(f"{out} already holds a finished run (summary.json); pass --overwrite to rerun it")
         return 0
+    if args.overwrite and is_main:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    previous = None if args.overwrite else check_resumable(out, args)
     set_seed(args.seed)
 
     # ---- data: uint8 tensors on the device; every batch is an index gather
@@ -140,9 +194,25 @@ def main(argv=None):
     student, optimizer = accelerator.prepare(student, optimizer)
     raw_student = accelerator.unwrap_model(student)
     steps_per_epoch = math.ceil(n_train / args.batch_size)
-    config = {**vars(args), "output_dir": str(out), "world_size": world, "mixed_precision": accelerator.mixed_precision,
-              "dataset_meta": data.meta, "num_classes": data.num_classes, "image_size": data.image_size,
-              "mean": data.mean, "std": data.std, "train_images": n_train, "steps_per_epoch": steps_per_epoch,
+
+    # ---- resume: model, optimiser and RNG from the newest valid checkpoint; position and metrics from its
+    # run state. The data order of an epoch depends only on (seed, epoch), so the run continues exactly.
+    log = MetricLog(out / "metrics.csv")
+    position = {"epoch": 1, "batch": 0, "step": 0, "epoch_loss": 0.0, "elapsed": 0.0}
+    restored = load_latest_checkpoint(accelerator, out / "checkpoints") if previous else None
+    if previous and restored is None and args.resume:
+        raise UsageError("--resume", f"no checkpoint in {out / 'checkpoints'} could be loaded")
+    if restored:
+        position = {k: restored[k] for k in position}
+        log.rows = restored["rows"]
+        accelerator.print(f"resuming {out} from {restored['checkpoint']} (epoch {position['epoch']}, "
+                          f"step {position['step']})")
+    run_id = previous["run_id"] if restored else new_run_id(out.name)
+    config = {**vars(args), "output_dir": str(out), "run_id": run_id, "world_size": world,
+              "autocast": accelerator.mixed_precision, "dataset_meta": data.meta,  # derived keys never
+              "num_classes": data.num_classes, "data_image_size": data.image_size,  # shadow an argument
+              "mean": data.mean, "std": data.std,
+              "train_images": n_train, "steps_per_epoch": steps_per_epoch,
               "teacher_cache": not args.no_teacher_cache, "architecture": raw_student.config(),
               "environment": environment()}
     if is_main:
@@ -158,24 +228,6 @@ def main(argv=None):
         sets = {k: (feats(encoder_fn, s.images), s.labels) for k, s in evals.items()}
         return probe_features(train, sets, data.num_classes, args, subject)
 
-    # ---- the teacher and the pixels are probed once; the teacher's bottleneck input is cached (exact here:
-    # no augmentation, eval-mode teacher that never changes), so each step runs only its last layer.
-    log = MetricLog(out / "metrics.csv")
-    started = time.time()
-    use_cache = not args.no_teacher_cache
-    shared_pass = use_cache and distill_idx is None and not args.input_noise  # one teacher pass serves both
-    emb_dim = teacher.embed_dim
-    teacher_train = feats(lambda x: torch.cat([e := teacher.encoder(x), teacher.head.trunk(e)], 1),
-                          probe_train.images) if shared_pass else None
-    teacher_cache = None
-    if use_cache:
-        teacher_cache = teacher_train[:, emb_dim:] if shared_pass else extract_features(
-            lambda x: teacher.head.trunk(teacher.encoder(x)), n_train, inputs, args.probe_batch_size,
-            accelerator, accelerator.autocast)
-    results = probe("teacher", teacher.encoder, teacher_train[:, :emb_dim] if shared_pass else None)
-    results |= probe("input", torch.nn.Flatten())
-    log.log(0, 0, results)
-
     def probe_student(epoch: int, step: int) -> None:
         raw_student.eval()
         log.log(epoch, step, probe("student", raw_student.encoder))
@@ -183,7 +235,25 @@ def main(argv=None):
         if is_main:
             log.flush()
 
-    probe_student(0, 0)
+    # ---- the teacher's bottleneck input is cached (exact here: no augmentation, an eval-mode teacher that
+    # never changes), so each step runs only its last layer. The teacher and the pixels are probed once.
+    started = time.time() - position["elapsed"]
+    use_cache = not args.no_teacher_cache
+    shared_pass = use_cache and distill_idx is None and not args.input_noise and not restored
+    emb_dim = teacher.embed_dim
+    teacher_train = feats(lambda x: torch.cat([e := teacher.encoder(x), teacher.head.trunk(e)], 1),
+                          probe_train.images) if shared_pass else None  # one teacher pass serves both
+    teacher_cache = None
+    if use_cache:
+        teacher_cache = teacher_train[:, emb_dim:] if shared_pass else extract_features(
+            lambda x: teacher.head.trunk(teacher.encoder(x)), n_train, inputs, args.probe_batch_size,
+            accelerator, accelerator.autocast)
+    if not restored:
+        results = probe("teacher", teacher.encoder, teacher_train[:, :emb_dim] if shared_pass else None)
+        results |= probe("input", torch.nn.Flatten())
+        log.log(0, 0, results)
+        probe_student(0, 0)
+    del teacher_train
 
     distill_step = DistillStep(student, optimizer, accelerator, inputs, TeacherTargets(teacher, inputs, teacher_cache),
                                args.loss, args.teacher_temp, args.student_temp)
@@ -194,20 +264,29 @@ def main(argv=None):
                                                                          teacher.parameters()))
         return math.sqrt(float(sq))
 
-    # ---- training: AdamW on the batch-mean loss; the global batch is split across processes
+    def checkpoint(epoch: int, batch: int, step: int, epoch_loss: float) -> None:
+        state = {"epoch": epoch, "batch": batch, "step": step, "epoch_loss": epoch_loss, "rows": log.rows,
+                 "elapsed": time.time() - started, "run_id": run_id}
+        save_checkpoint(accelerator, out / "checkpoints", step, state, args.keep_checkpoints)
+
+    # ---- training: AdamW on the batch-mean loss; the global batch is split across processes. SIGTERM or
+    # SIGUSR1 (Slurm pre-emption / time limit) checkpoint at the next step boundary and stop.
+    preempt = PreemptionSignal()
     total = args.epochs * steps_per_epoch
-    bar = tqdm(total=total, desc="distill", disable=not is_main, dynamic_ncols=True)
-    step = 0
-    for epoch in range(1, args.epochs + 1):
+    bar = tqdm(total=total, initial=position["step"], desc="distill", disable=not is_main, dynamic_ncols=True)
+    step = position["step"]
+    for epoch in range(position["epoch"], args.epochs + 1):
         student.train()
-        order = epoch_order(n_train, args.seed, epoch).to(device)
-        epoch_loss = torch.zeros((), device=device)
-        for batch in order.split(args.batch_size):
+        batches = epoch_order(n_train, args.seed, epoch).to(device).split(args.batch_size)
+        first = position["batch"] if epoch == position["epoch"] else 0
+        epoch_loss = torch.tensor(position["epoch_loss"] if epoch == position["epoch"] else 0.0, device=device)
+        for b in range(first, len(batches)):
+            batch = batches[b]
             per_sample, s_logits, t_logits, embedding = distill_step(rank_slice(batch, rank, world), len(batch))
             epoch_loss += per_sample.sum()
             step += 1
             bar.update(1)
-            if args.log_every and (step % args.log_every == 0 or step == epoch * steps_per_epoch):
+            if args.log_every and (step % args.log_every == 0 or b == len(batches) - 1):
                 diag = loss_diagnostics(s_logits, t_logits, args.teacher_temp, args.student_temp)
                 diag["embedding_norm"] = embedding.float().norm(dim=1).sum()
                 sums = accelerator.reduce(torch.stack(list(diag.values())) / len(batch), reduction="sum")
@@ -215,10 +294,23 @@ def main(argv=None):
                 values["train/param_distance"] = param_distance()
                 log.log(epoch, step, values)
                 bar.set_postfix(ce=f"{values['train/ce']:.6g}", dist=f"{values['train/param_distance']:.3g}")
+            stop = preempt.received is not None
+            if world > 1:  # every process must agree; a tiny all-reduce every 10 steps
+                stop = step % 10 == 0 and bool(accelerator.reduce(torch.tensor(float(stop), device=device)) > 0)
+            if stop:
+                checkpoint(epoch, b + 1, step, epoch_loss.item())
+                bar.close()
+                accelerator.print(f"\n{preempt.received or 'signal'} received: checkpoint saved in {out / 'checkpoints'}"
+                                  f" at step {step}; rerun the same command to resume")
+                preempt.restore()
+                return 128 + getattr(signal, preempt.received or "SIGTERM")
         log.log(epoch, step, {"train/loss": accelerator.reduce(epoch_loss, reduction="sum").item() / n_train})
         if epoch == args.epochs or (args.probe_every and epoch % args.probe_every == 0):
             probe_student(epoch, step)
+        if args.checkpoint_every and (epoch % args.checkpoint_every == 0 or epoch == args.epochs):
+            checkpoint(epoch + 1, 0, step, 0.0)
     bar.close()
+    preempt.restore()
 
     # ---- results (main process only)
     summary = summarize(log.frame())
@@ -228,13 +320,17 @@ def main(argv=None):
         config |= {"steps": step, "wall_time_s": round(time.time() - started, 1)}
         write_json(out / "config.json", config)
         raw_student.save_pretrained(out / "student")
+        write_model_card(out / "student", config, table)
         write_table(out / "probe_table.csv", table.reset_index())
         plot_probes(log.frame(), out / "probe_accuracy.png",
                     f"{args.model} on {name}, alpha={args.alpha:g}, {step} steps")
         write_json(out / "summary.json", {"probes": summary, "steps": step, "epochs": args.epochs,
-                                          "wall_time_s": config["wall_time_s"]})
+                                          "run_id": run_id, "wall_time_s": config["wall_time_s"]})
         print(f"\nProbe accuracy (%) after {step} steps, {config['wall_time_s']:.0f} s -> {out}")
         print(format_table(table))
+        if args.push_to_hub and not push_or_explain(out, args.push_to_hub, run_id, args.hub_private,
+                                                    "train_distill.py"):
+            return 1
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -189,6 +189,11 @@ class DistillationNetwork(nn.Module, PyTorchModelHubMixin, library_name="random-
         self.encoder.train()
         self.head = DINOHead(self.embed_dim, hidden_dims, bottleneck_dim, out_dim, bottleneck)
 
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
+        """PyTorchModelHubMixin.from_pretrained, but strict by default: weights must match the config."""
+        return super().from_pretrained(*args, strict=strict, **kwargs)
+
     def reset_parameters(self, generator: torch.Generator) -> "DistillationNetwork":
         reset_encoder(self.encoder, generator)
         self.head.reset_parameters(generator)

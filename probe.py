@@ -9,6 +9,7 @@ encoder features (SPEC §3); prints the table and writes probe_table.csv and pro
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,14 +20,14 @@ from accelerate import Accelerator
 
 from utils.cli import ArgumentParser, UsageError, add_data_args, add_probe_args, main_guard
 from utils.data import Normalizer, load_dataset, validation_split
-from utils.hub import resolve_student
+from utils.hub import new_run_id, push_or_explain, resolve_student
 from utils.probing import extract_features, probe_features
 from utils.results import environment, format_table, probe_table, summarize, write_json, write_table
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--student", required=True, help="run folder, save_pretrained folder or Hub model id")
+    p.add_argument("--student", help="run folder, save_pretrained folder or Hub model id")
     p.add_argument("--student-revision", help="Hub revision of the student")
     add_data_args(p, default_dataset=None)
     add_probe_args(p)
@@ -36,12 +37,32 @@ def parse_args(argv=None):
     p.add_argument("--input", action="store_true", help="also probe the raw pixels")
     p.add_argument("--output-dir", help="where to write the table (default: <run>/probes/<dataset>, or "
                                         "runs/probe-<student>-<dataset>)")
-    return p.parse_args(argv)
+    h = p.add_argument_group("Hugging Face Hub")
+    h.add_argument("--push-to-hub", metavar="REPO", help="upload the probe tables to probes/<id>/ in this repo")
+    h.add_argument("--hub-private", action="store_true", help="create the repo as private")
+    h.add_argument("--push-only", metavar="PROBE_DIR", help="only (re)try the upload of a probe output folder")
+    args = p.parse_args(argv)
+    if not args.push_only and not args.student:
+        raise UsageError("--student", "required (a run folder, a save_pretrained folder or a Hub model id)")
+    return args
+
+
+def push_only(args) -> int:
+    folder = Path(args.push_only)
+    if not (folder / "probe_results.json").exists():
+        raise UsageError("--push-only", f"{folder} holds no probe results (no probe_results.json)")
+    saved = json.loads((folder / "probe_results.json").read_text())
+    repo = args.push_to_hub or saved["args"].get("push_to_hub")
+    if not repo:
+        raise UsageError("--push-to-hub", "name the repo to push to")
+    return 0 if push_or_explain(folder, repo, saved["run_id"], args.hub_private, "probe.py") else 1
 
 
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
+    if args.push_only:
+        return push_only(args)
     started = time.time()
     accelerator = Accelerator()
     student, run_config = resolve_student(args.student, revision=args.student_revision)
@@ -82,13 +103,17 @@ def main(argv=None):
     table = probe_table(summarize(pd.DataFrame(rows)))
     table = table[[c for c in table.columns if c.endswith("final") or c.endswith("@val")]]
     table.columns = [c.replace(" final", "") for c in table.columns]
+    run_id = new_run_id(f"{Path(args.student).name}-{name}")
     if accelerator.is_main_process:
         write_table(out / "probe_table.csv", table.reset_index())
         write_json(out / "probe_results.json", {"student": args.student, "dataset": dataset, "results": results,
+                                                "run_id": run_id,
                                                 "args": vars(args), "environment": environment(),
                                                 "wall_time_s": round(time.time() - started, 1)})
         print(f"Probe accuracy (%) of {args.student} on {dataset} -> {out}")
         print(format_table(table))
+        if args.push_to_hub and not push_or_explain(out, args.push_to_hub, run_id, args.hub_private, "probe.py"):
+            return 1
     return 0
 
 

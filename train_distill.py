@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from utils.checkpoint import PreemptionSignal, list_checkpoints, load_latest_checkpoint, save_checkpoint
 from utils.cli import ArgumentParser, UsageError, add_data_args, add_probe_args, check_range, main_guard
-from utils.data import (Normalizer, class_balanced_subset, epoch_order, load_dataset, noise_inputs, rank_slice,
+from utils.data import (Normalizer, class_balanced_subset, epoch_batches, load_dataset, noise_inputs, rank_slice,
                         validation_split)
 from utils.distill import DistillStep, TeacherTargets, make_optimizer
 from utils.hub import new_run_id, push_or_explain, write_model_card
@@ -193,7 +193,7 @@ def main(argv=None):
         student.compile()
     student, optimizer = accelerator.prepare(student, optimizer)
     raw_student = accelerator.unwrap_model(student)
-    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    steps_per_epoch = len(epoch_batches(n_train, args.batch_size, args.seed, 1, world))
 
     # ---- resume: model, optimiser and RNG from the newest valid checkpoint; position and metrics from its
     # run state. The data order of an epoch depends only on (seed, epoch), so the run continues exactly.
@@ -277,7 +277,7 @@ def main(argv=None):
     step = position["step"]
     for epoch in range(position["epoch"], args.epochs + 1):
         student.train()
-        batches = epoch_order(n_train, args.seed, epoch).to(device).split(args.batch_size)
+        batches = [b.to(device) for b in epoch_batches(n_train, args.batch_size, args.seed, epoch, world)]
         first = position["batch"] if epoch == position["epoch"] else 0
         epoch_loss = torch.tensor(position["epoch_loss"] if epoch == position["epoch"] else 0.0, device=device)
         for b in range(first, len(batches)):
@@ -304,7 +304,8 @@ def main(argv=None):
                                   f" at step {step}; rerun the same command to resume")
                 preempt.restore()
                 return 128 + getattr(signal, preempt.received or "SIGTERM")
-        log.log(epoch, step, {"train/loss": accelerator.reduce(epoch_loss, reduction="sum").item() / n_train})
+        log.log(epoch, step, {"train/loss": accelerator.reduce(epoch_loss, reduction="sum").item()
+                                       / sum(len(b) for b in batches)})
         if epoch == args.epochs or (args.probe_every and epoch % args.probe_every == 0):
             probe_student(epoch, step)
         if args.checkpoint_every and (epoch % args.checkpoint_every == 0 or epoch == args.epochs):

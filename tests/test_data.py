@@ -338,6 +338,15 @@ def test_epoch_order():
     assert not torch.equal(order, D.epoch_order(50, seed=3, epoch=3))
 
 
+@pytest.mark.parametrize("n,batch,world,sizes", [(10, 4, 1, [4, 4, 2]), (9, 4, 1, [4, 4]), (13, 4, 2, [4, 4, 4]),
+                                                  (14, 4, 2, [4, 4, 4]), (16, 4, 2, [4, 4, 4, 4]), (3, 8, 2, [3])])
+def test_epoch_batches_keep_the_remainder_unless_too_small_for_batchnorm(n, batch, world, sizes):
+    batches = D.epoch_batches(n, batch, seed=1, epoch=2, world=world)
+    assert [len(b) for b in batches] == sizes
+    order = D.epoch_order(n, seed=1, epoch=2)
+    assert torch.equal(torch.cat(batches), order[:sum(sizes)])  # the epoch's order, in batches
+
+
 @pytest.mark.parametrize("n,world", [(64, 1), (64, 2), (67, 4), (5, 3), (2, 3)])
 def test_rank_slice_reassembles_the_batch(n, world):
     batch = torch.randperm(1000)[:n]

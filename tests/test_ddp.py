@@ -151,7 +151,11 @@ def test_only_rank_0_writes_the_run_folder(runs):
         lines = [line.split("\t") for line in log.read_text().splitlines()]
         assert lines and lines[0][0] == "started"
         entries[rank] = [(kind, Path(path)) for kind, path in lines if kind != "started"]
-    assert entries["1"] == [], f"rank 1 wrote into the run folder: {entries['1']}"
+    # Accelerate's save_state stores every process's RNG state inside the checkpoint being built; beyond
+    # that, rank 1 must write nothing in the run folder.
+    outside_checkpoints = [(k, p) for k, p in entries["1"]
+                           if not p.relative_to(ddp.resolve()).as_posix().startswith("checkpoints/.tmp-step-")]
+    assert outside_checkpoints == [], f"rank 1 wrote into the run folder: {outside_checkpoints}"
     written = {p.relative_to(ddp.resolve()).as_posix() for _, p in entries["0"]}
     replaced = {p.relative_to(ddp.resolve()).as_posix() for kind, p in entries["0"] if kind in ("replace", "rename")}
     for name in ("config.json", "metrics.csv", "summary.json", "probe_table.csv", "probe_accuracy.png"):

@@ -344,6 +344,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world: int = 1) -> list[torch.Tensor]:
+    """The global batches of one epoch. The last partial batch is kept (as the official loader's
+    drop_last=False) unless it has fewer than 2 images per process, which BatchNorm cannot train on."""
+    batches = list(epoch_order(n, seed, epoch).split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < 2 * world:
+        batches.pop()
+    return batches
+
+
 def rank_slice(batch_index: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This process's share of a global batch (contiguous, sizes differ by at most one)."""
     return torch.tensor_split(batch_index, world)[rank]

@@ -127,9 +127,13 @@ def plot_probes(df: pd.DataFrame, path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     probes = [p for p in PROBES if (df.metric == f"student/{p}/test").any()]
-    fig, axes = plt.subplots(1, len(probes), figsize=(4.2 * len(probes), 3.4), squeeze=False)
-    for ax, probe in zip(axes[0], probes):
+    cols = min(len(probes), 2)
+    rows = math.ceil(len(probes) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    for ax, probe in zip(axes.flat, probes):
         student = df[df.metric == f"student/{probe}/test"].sort_values("epoch")
         ax.plot(student.epoch, 100 * student.value, "o-", color="C1", label="student")
         for subject, style, color in (("teacher", "-", "C0"), ("input", "--", "k")):
@@ -137,6 +141,7 @@ def plot_probes(df: pd.DataFrame, path, title: str = "") -> None:
             if len(level):
                 ax.axhline(100 * level.mean(), linestyle=style, color=color, label=subject)
         ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{probe.replace('_', ' ')} probe")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:

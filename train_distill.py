@@ -128,10 +128,13 @@ def push_only(args) -> int:
 
 def check_resumable(out: Path, args) -> dict | None:
     """The config of the interrupted run in `out`, if it may be resumed with these arguments."""
-    if not list_checkpoints(out / "checkpoints") or not (out / "config.json").exists():
+    if not list_checkpoints(out / "checkpoints"):
         if args.resume:
             raise UsageError("--resume", f"no checkpoint in {out / 'checkpoints'}")
         return None
+    if not (out / "config.json").exists():
+        raise UsageError("--output-dir", f"{out} has checkpoints but no config.json to check them against; "
+                                         "pass --overwrite to start over")
     previous = json.loads((out / "config.json").read_text())
     changed = sorted(k for k, v in vars(args).items() if k not in RESUMABLE_CHANGES and previous.get(k) != v)
     if changed:
@@ -274,44 +277,44 @@ def main(argv=None):
     preempt = PreemptionSignal()
     total = args.epochs * steps_per_epoch
     bar = tqdm(total=total, initial=position["step"], desc="distill", disable=not is_main, dynamic_ncols=True)
-    step = position["step"]
-    for epoch in range(position["epoch"], args.epochs + 1):
-        student.train()
-        batches = [b.to(device) for b in epoch_batches(n_train, args.batch_size, args.seed, epoch, world)]
-        first = position["batch"] if epoch == position["epoch"] else 0
-        epoch_loss = torch.tensor(position["epoch_loss"] if epoch == position["epoch"] else 0.0, device=device)
-        for b in range(first, len(batches)):
-            batch = batches[b]
-            per_sample, s_logits, t_logits, embedding = distill_step(rank_slice(batch, rank, world), len(batch))
-            epoch_loss += per_sample.sum()
-            step += 1
-            bar.update(1)
-            if args.log_every and (step % args.log_every == 0 or b == len(batches) - 1):
-                diag = loss_diagnostics(s_logits, t_logits, args.teacher_temp, args.student_temp)
-                diag["embedding_norm"] = embedding.float().norm(dim=1).sum()
-                sums = accelerator.reduce(torch.stack(list(diag.values())) / len(batch), reduction="sum")
-                values = {f"train/{k}": v for k, v in zip(diag, sums.tolist())}
-                values["train/param_distance"] = param_distance()
-                log.log(epoch, step, values)
-                bar.set_postfix(ce=f"{values['train/ce']:.6g}", dist=f"{values['train/param_distance']:.3g}")
-            stop = preempt.received is not None
-            if world > 1:  # every process must agree; a tiny all-reduce every 10 steps
-                stop = step % 10 == 0 and bool(accelerator.reduce(torch.tensor(float(stop), device=device)) > 0)
-            if stop:
-                checkpoint(epoch, b + 1, step, epoch_loss.item())
-                bar.close()
-                accelerator.print(f"\n{preempt.received or 'signal'} received: checkpoint saved in {out / 'checkpoints'}"
-                                  f" at step {step}; rerun the same command to resume")
-                preempt.restore()
-                return 128 + getattr(signal, preempt.received or "SIGTERM")
-        log.log(epoch, step, {"train/loss": accelerator.reduce(epoch_loss, reduction="sum").item()
-                                       / sum(len(b) for b in batches)})
-        if epoch == args.epochs or (args.probe_every and epoch % args.probe_every == 0):
-            probe_student(epoch, step)
-        if args.checkpoint_every and (epoch % args.checkpoint_every == 0 or epoch == args.epochs):
-            checkpoint(epoch + 1, 0, step, 0.0)
-    bar.close()
-    preempt.restore()
+    try:
+        step = position["step"]
+        for epoch in range(position["epoch"], args.epochs + 1):
+            student.train()
+            batches = [b.to(device) for b in epoch_batches(n_train, args.batch_size, args.seed, epoch, world)]
+            first = position["batch"] if epoch == position["epoch"] else 0
+            epoch_loss = torch.tensor(position["epoch_loss"] if epoch == position["epoch"] else 0.0, device=device)
+            for b in range(first, len(batches)):
+                batch = batches[b]
+                per_sample, s_logits, t_logits, embedding = distill_step(rank_slice(batch, rank, world), len(batch))
+                epoch_loss += per_sample.sum()
+                step += 1
+                bar.update(1)
+                if args.log_every and (step % args.log_every == 0 or b == len(batches) - 1):
+                    diag = loss_diagnostics(s_logits, t_logits, args.teacher_temp, args.student_temp)
+                    diag["embedding_norm"] = embedding.float().norm(dim=1).sum()
+                    sums = accelerator.reduce(torch.stack(list(diag.values())) / len(batch), reduction="sum")
+                    values = {f"train/{k}": v for k, v in zip(diag, sums.tolist())}
+                    values["train/param_distance"] = param_distance()
+                    log.log(epoch, step, values)
+                    bar.set_postfix(ce=f"{values['train/ce']:.6g}", dist=f"{values['train/param_distance']:.3g}")
+                stop = preempt.received is not None
+                if world > 1:  # every process must agree; a tiny all-reduce every 10 steps
+                    stop = step % 10 == 0 and bool(accelerator.reduce(torch.tensor(float(stop), device=device)) > 0)
+                if stop:
+                    checkpoint(epoch, b + 1, step, epoch_loss.item())
+                    accelerator.print(f"\n{preempt.received or 'signal'} received: checkpoint saved in {out / 'checkpoints'}"
+                                      f" at step {step}; rerun the same command to resume")
+                    return 128 + getattr(signal, preempt.received or "SIGTERM")
+            log.log(epoch, step, {"train/loss": accelerator.reduce(epoch_loss, reduction="sum").item()
+                                           / sum(len(b) for b in batches)})
+            if epoch == args.epochs or (args.probe_every and epoch % args.probe_every == 0):
+                probe_student(epoch, step)
+            if args.checkpoint_every and epoch % args.checkpoint_every == 0 and epoch < args.epochs:
+                checkpoint(epoch + 1, 0, step, 0.0)
+    finally:  # also on errors: an in-process caller gets its signal handlers back
+        bar.close()
+        preempt.restore()
 
     # ---- results (main process only)
     summary = summarize(log.frame())
@@ -327,14 +330,14 @@ def main(argv=None):
                     f"{args.model} on {name}, alpha={args.alpha:g}, {step} steps")
         write_json(out / "summary.json", {"probes": summary, "steps": step, "epochs": args.epochs,
                                           "run_id": run_id, "wall_time_s": config["wall_time_s"]})
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: student/ and the tables hold it all
         print(f"\nProbe accuracy (%) after {step} steps, {config['wall_time_s']:.0f} s -> {out}")
         print(format_table(table))
-        if args.push_to_hub and not push_or_explain(out, args.push_to_hub, run_id, args.hub_private,
-                                                    "train_distill.py"):
-            return 1
+    pushed = not (args.push_to_hub and is_main) or push_or_explain(out, args.push_to_hub, run_id, args.hub_private,
+                                                                   "train_distill.py")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return 0
+    return 0 if pushed else 1
 
 
 if __name__ == "__main__":

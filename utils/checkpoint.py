@@ -44,7 +44,8 @@ def save_checkpoint(accelerator, folder: Path, step: int, run_state: dict, keep:
     folder = Path(folder)
     final, tmp = folder / f"{PREFIX}{step:09d}", folder / f".tmp-{PREFIX}{step:09d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in folder.glob(f".tmp-{PREFIX}*"):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
@@ -55,6 +56,9 @@ def save_checkpoint(accelerator, folder: Path, step: int, run_state: dict, keep:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step (e.g. signal at an epoch end)
         os.replace(tmp, final)
+        for newer in list_checkpoints(folder):  # later steps are stale: the run resumed from before them
+            if int(newer.name[len(PREFIX):]) > step:
+                shutil.rmtree(newer, ignore_errors=True)
         for old in list_checkpoints(folder)[max(keep, 1):]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

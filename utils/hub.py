@@ -141,8 +141,9 @@ def hub_commit(repo_id: str, files: dict[str, Path], message: str, private: bool
             return str(getattr(info, "commit_url", info))
         except OfflineModeIsEnabled as err:
             raise PushError(f"HF_HUB_OFFLINE is set ({err})") from err
-        except Exception as err:  # noqa: BLE001 - network, HTTP and conflict errors are all retried
-            if attempt == retries - 1:
+        except Exception as err:  # noqa: BLE001 - network, server and conflict errors are retried
+            status = getattr(getattr(err, "response", None), "status_code", None)
+            if status in (400, 401, 403, 404) or isinstance(err, FileNotFoundError) or attempt == retries - 1:
                 raise PushError(f"{type(err).__name__}: {err}") from err
             time.sleep(2 ** attempt)
     raise AssertionError("unreachable")

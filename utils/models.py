@@ -164,6 +164,14 @@ class DINOHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ the network
+def resolve_arch(model="resnet18", norm=None, image_size=32, hidden_dims=(2048, 2048), bottleneck_dim=256,
+                 out_dim=65536, bottleneck="default") -> dict:
+    """Architecture arguments with defaults and presets spelled out, so a saved config is unambiguous."""
+    return dict(model=model, norm=norm or DEFAULT_NORM.get(model), image_size=image_size,
+                hidden_dims=list(hidden_dims), bottleneck_dim=bottleneck_dim, out_dim=out_dim,
+                bottleneck=BOTTLENECK_PRESETS.get(bottleneck, bottleneck))
+
+
 class DistillationNetwork(nn.Module, PyTorchModelHubMixin, library_name="random-teachers",
                           tags=["random-teachers", "self-distillation", "image-feature-extraction"],
                           paper_url=PAPER_URL):
@@ -179,9 +187,7 @@ class DistillationNetwork(nn.Module, PyTorchModelHubMixin, library_name="random-
                  out_dim: int = 65536, bottleneck: str = "default", teacher_seed: int | None = None,
                  student_seed: int | None = None, alpha: float | None = None):
         super().__init__()
-        self.arch = dict(model=model, norm=norm or DEFAULT_NORM.get(model), image_size=image_size,
-                         hidden_dims=list(hidden_dims), bottleneck_dim=bottleneck_dim, out_dim=out_dim,
-                         bottleneck=BOTTLENECK_PRESETS.get(bottleneck, bottleneck))
+        self.arch = resolve_arch(model, norm, image_size, hidden_dims, bottleneck_dim, out_dim, bottleneck)
         self.seeds = dict(teacher_seed=teacher_seed, student_seed=student_seed, alpha=alpha)
         self.encoder = build_encoder(model, self.arch["norm"], image_size)
         with torch.no_grad():  # infer the embedding size instead of hard-coding it (the official VGG bug)
@@ -240,6 +246,7 @@ def make_teacher_student(arch: dict, teacher_seed: int, student_seed: int, alpha
     """Return (frozen teacher, student) with the student at locality alpha from the teacher (SPEC §2)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    arch = resolve_arch(**arch)  # the student's saved config then names the exact norm and bottleneck
     teacher = init_network(arch, teacher_seed)
     fresh = init_network(arch, student_seed)
     student = DistillationNetwork(**arch, teacher_seed=teacher_seed, student_seed=student_seed, alpha=alpha)

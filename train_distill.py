@@ -31,7 +31,7 @@ from utils.data import (Normalizer, class_balanced_subset, epoch_batches, load_d
 from utils.distill import DistillStep, TeacherTargets, make_optimizer
 from utils.hub import new_run_id, push_or_explain, write_model_card
 from utils.losses import LOSSES, loss_diagnostics
-from utils.models import BOTTLENECK_PRESETS, ENCODERS, NORMS, make_teacher_student, parse_bottleneck
+from utils.models import ENCODERS, NORMS, make_teacher_student, parse_bottleneck
 from utils.probing import extract_features, probe_features
 from utils.results import (MetricLog, environment, format_table, plot_probes, probe_table, summarize,
                            write_json, write_table)

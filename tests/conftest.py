@@ -46,6 +46,18 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return write_parquet_dataset(tmp_path_factory.mktemp("tiny") / "tiny", 256, 128)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: the CPU is small and shared, and bitwise comparisons between in-process runs
+    need the same setting for both runs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     """Decoded-tensor cache per test, so tests never see each other's (or the user's) cache."""

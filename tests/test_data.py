@@ -1,7 +1,6 @@
 """utils/data.py: the built-in digits, local Hub-format datasets through the one loading path, the decoded-tensor
 cache, one-line errors naming the flag, and the subset / batching helpers."""
 import os
-import shutil
 import time
 from pathlib import Path
 

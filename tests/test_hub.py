@@ -37,14 +37,6 @@ ARCH = dict(model="vgg11", norm="batch", image_size=32, hidden_dims=[32], bottle
             bottleneck="default")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------- the fake Hub
 class FakeHub:
     """Records what would be uploaded. `fail_first` commits raise (after recording the attempted files)."""

@@ -20,15 +20,6 @@ from utils.checkpoint import (MANIFEST, RUN_STATE, list_checkpoints, load_latest
 from utils.distill import DistillStep
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """1 intra-op thread (small shared CPU); every bitwise comparison is between runs made under this setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # 256 images, batch 64: 4 steps per epoch, 12 steps. alpha = 0.5 so gradients are genuine (near alpha = 0 they are
 # round-off sized, and Adam would amplify any round-off difference into a full step; see test_training.py).
 VGG = TINY_RUN + ["--alpha", "0.5", "--epochs", "3", "--checkpoint-every", "1"]

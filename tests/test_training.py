@@ -19,16 +19,6 @@ SUBJECTS, PROBES = ("student", "teacher", "input"), ("linear", "knn")
 TRAIN_ROWS = ("train/ce", "train/kl", "train/param_distance", "train/embedding_norm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a small shared CPU, 1 intra-op thread runs these tiny VGG11 steps ~2x faster than 2 oversubscribed ones.
-    Every comparison below is between runs made under the same setting, so the count does not matter otherwise."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(dataset, out, *extra) -> None:
     assert train_distill.main(TINY_RUN + ["--dataset", str(dataset), "--output-dir", str(out), *map(str, extra)]) == 0
 

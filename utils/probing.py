@@ -98,12 +98,17 @@ def knn_predict(train_x, train_y, test_x, num_classes: int, k: int = 20, metric:
             votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
         else:
             dist = (q * q).sum(1, keepdim=True) + train_sq - 2 * q @ train_x.T
-            kth = dist.topk(k, dim=1, largest=False).values[:, -1:]
-            closer = dist < kth
-            tied = dist == kth
-            needed = k - closer.sum(1, keepdim=True)
-            chosen = closer | (tied & (tied.cumsum(1) <= needed))  # exactly k per row, ties by train index
-            votes = chosen.to(onehot.dtype) @ onehot
+            values, idx = dist.topk(k, dim=1, largest=False)
+            votes = onehot[idx].sum(1)
+            kth = values[:, -1:]
+            # Where candidates at the k-th distance were left out, topk's pick among them is arbitrary: redo those
+            # rows taking equidistant candidates by lower train index (exactly k per row).
+            ambiguous = ((dist == kth).sum(1) > (values == kth).sum(1)).nonzero().squeeze(1)
+            if len(ambiguous):
+                d, kth = dist[ambiguous], kth[ambiguous]
+                closer, tied = d < kth, d == kth
+                chosen = closer | (tied & (tied.cumsum(1) <= k - closer.sum(1, keepdim=True)))
+                votes[ambiguous] = chosen.to(onehot.dtype) @ onehot
         preds.append(votes.argmax(1))  # argmax returns the first maximum: ties go to the smallest label
     return torch.cat(preds)
 

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from common import PILImages, load_avg, sync  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
@@ -65,35 +66,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def load_avg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "n/a"
-
-
 # ------------------------------------------------------------------------------------------- the reference
-class PILImages(torch.utils.data.Dataset):
-    """What a plain pipeline holds: a list of PIL images and a torchvision transform applied per item."""
-
-    def __init__(self, images_u8: torch.Tensor, labels: torch.Tensor, transform):
-        from PIL import Image
-
-        self.images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images_u8]
-        self.labels, self.transform = labels.tolist(), transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.transform(self.images[i]), self.labels[i]
-
-
 def soft_cross_entropy(student_logits, teacher_logits):
     return torch.sum(-F.softmax(teacher_logits, dim=-1) * F.log_softmax(student_logits, dim=-1), dim=-1).mean()
 

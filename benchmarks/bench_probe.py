@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from common import PILImages, load_avg, sync  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -63,18 +64,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def load_avg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "n/a"
-
-
 def clock(fn, device):
     sync(device)
     t0 = time.perf_counter()
@@ -84,20 +73,6 @@ def clock(fn, device):
 
 
 # ------------------------------------------------------------------------------------------- the reference
-class PILImages(torch.utils.data.Dataset):
-    def __init__(self, images_u8, labels, transform):
-        from PIL import Image
-
-        self.images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images_u8]
-        self.labels, self.transform = labels.tolist(), transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.transform(self.images[i]), self.labels[i]
-
-
 def plain_knn_batch(query, train_feats, train_labels, k, num_classes):
     dist = torch.cdist(query, train_feats)
     idx = dist.topk(k, dim=1, largest=False).indices

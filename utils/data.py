@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from utils.cli import UsageError
+from utils.results import atomic_path
 
 PREFETCH_HINT = ("prefetch it on a machine with internet (e.g. a login node) with "
                  "`python -c \"from utils.data import prefetch; prefetch('{name}')\"` using the same "
@@ -232,6 +233,16 @@ def _load_split_uncached(source, split, split_flag, image_column, label_column, 
     return images, labels, names
 
 
+def _encode_labels(train_y: np.ndarray, test_y: np.ndarray, names: list | None):
+    """int64 label tensors (and class names); non-integer labels become indices into their sorted set."""
+    if train_y.dtype.kind in "iu" and test_y.dtype.kind in "iu":
+        return torch.as_tensor(train_y.astype(np.int64)), torch.as_tensor(test_y.astype(np.int64)), names
+    names = sorted(set(train_y.tolist()) | set(test_y.tolist()))
+    index = {name: i for i, name in enumerate(names)}
+    return (torch.tensor([index[v] for v in train_y.tolist()]), torch.tensor([index[v] for v in test_y.tolist()]),
+            names)
+
+
 def load_dataset(name: str, image_column=None, label_column=None, train_split=None, test_split=None,
                  revision=None, image_size=None, cache_dir=None) -> ImageDataset:
     """Load a registered name, Hub id or local folder into uint8 tensors, decoding each split at most once."""
@@ -264,17 +275,11 @@ def load_dataset(name: str, image_column=None, label_column=None, train_split=No
         images, labels, names = _load_split_uncached(source, split, flag, image_column, label_column, revision,
                                                      image_size)
         loaded[flag] = {"images": images, "labels": labels, "names": names}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(loaded[flag], tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(loaded[flag], tmp)
     train, test = loaded["--train-split"], loaded["--test-split"]
-    names = train["names"]
-    if names is None and (train["labels"].dtype.kind not in "iu" or test["labels"].dtype.kind not in "iu"):
-        names = sorted(set(train["labels"].tolist()) | set(test["labels"].tolist()))  # string labels
-    encode = (lambda y: torch.tensor([names.index(v) for v in y.tolist()])) if names and \
-        train["labels"].dtype.kind not in "iu" else (lambda y: torch.as_tensor(y.astype(np.int64)))
-    train_split_, test_split_ = (Split(d["images"], encode(d["labels"])) for d in (train, test))
+    train_labels, test_labels, names = _encode_labels(train["labels"], test["labels"], train["names"])
+    train_split_, test_split_ = Split(train["images"], train_labels), Split(test["images"], test_labels)
     num_classes = len(names) if names else int(max(train_split_.labels.max(), test_split_.labels.max())) + 1
     meta = {"source": source, "revision": revision, "splits": list(splits.values()), "class_names": names}
     return _finish(name, train_split_, test_split_, num_classes, meta)

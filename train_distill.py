@@ -29,6 +29,7 @@ from utils.cli import ArgumentParser, UsageError, add_data_args, add_probe_args,
 from utils.data import (Normalizer, class_balanced_subset, epoch_batches, load_dataset, noise_inputs, rank_slice,
                         validation_split)
 from utils.distill import DistillStep, TeacherTargets, make_optimizer
+from utils.dynamics import BatchNormStats, step_diagnostics
 from utils.hub import new_run_id, push_or_explain, write_model_card
 from utils.losses import LOSSES, loss_diagnostics
 from utils.models import ENCODERS, NORMS, make_teacher_student, parse_bottleneck
@@ -46,6 +47,9 @@ def parse_args(argv=None):
     m.add_argument("--hidden-dims", type=int, nargs="*", default=[2048, 2048], help="head MLP widths")
     m.add_argument("--bottleneck-dim", type=int, default=256)
     m.add_argument("--out-dim", type=int, default=65536, help="head output dimension (Fig. 11: 2^5 ... 2^16)")
+    m.add_argument("--width", type=float, default=1.0,
+                   help="scale every conv layer's channels (and the embedding size) by this factor; 1 = the paper's "
+                        "network, < 1 a CPU-scale proxy (the head keeps its paper widths)")
     m.add_argument("--bottleneck", default="default",
                    help="six-slot wn1/lin1/fn1/wn2/lin2/fn2 string or preset: default = -/lb/fn/wn/l/- (paper "
                         "text), official = -/lb/fn/-/l/- (what the official code ran: its wn was a no-op)")
@@ -76,7 +80,12 @@ def parse_args(argv=None):
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", help="run folder (default: runs/distill-<dataset>-<model>-a<alpha>-s<seed>)")
     r.add_argument("--overwrite", action="store_true", help="rerun even if the run folder holds a finished run")
-    r.add_argument("--log-every", type=int, default=25, help="log train diagnostics every N steps")
+    r.add_argument("--log-every", type=int, default=25,
+                   help="log train diagnostics (loss, KL, embedding norm, distance to the teacher, gradient and "
+                        "Adam step norms) every N steps")
+    r.add_argument("--log-dynamics", action="store_true",
+                   help="also log per-layer gradient / Adam step / weight sizes, the share of each layer's step "
+                        "damped by Adam's eps, and BatchNorm running vs batch statistics (dynamics/* metrics)")
     r.add_argument("--checkpoint-every", type=int, default=5,
                    help="save a resumable checkpoint every N epochs and at the end (0: only on SIGTERM/SIGUSR1)")
     r.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
@@ -99,6 +108,8 @@ def parse_args(argv=None):
     if args.push_only:
         return args
     check_range("--alpha", args.alpha, 0.0, 1.0)
+    if not 0 < args.width <= 16:
+        raise UsageError("--width", f"must be in (0, 16], got {args.width}")
     for flag in ("epochs", "batch_size", "out_dim", "bottleneck_dim", "probe_epochs", "knn_k", "log_every",
                  "checkpoint_every", "keep_checkpoints"):
         check_range("--" + flag.replace("_", "-"), getattr(args, flag), integer_min=0 if flag in
@@ -112,7 +123,8 @@ def parse_args(argv=None):
 
 # Arguments that may differ between an interrupted run and its resumption; every other one must match.
 RESUMABLE_CHANGES = {"epochs", "output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "push_only",
-                     "checkpoint_every", "keep_checkpoints", "log_every", "probe_batch_size", "data_cache"}
+                     "checkpoint_every", "keep_checkpoints", "log_every", "log_dynamics", "probe_batch_size",
+                     "data_cache"}
 
 
 def push_only(args) -> int:
@@ -184,7 +196,7 @@ def main(argv=None):
 
     # ---- networks
     arch = dict(model=args.model, norm=args.norm, image_size=data.image_size, hidden_dims=args.hidden_dims,
-                bottleneck_dim=args.bottleneck_dim, out_dim=args.out_dim, bottleneck=args.bottleneck)
+                bottleneck_dim=args.bottleneck_dim, out_dim=args.out_dim, bottleneck=args.bottleneck, width=args.width)
     teacher, student = make_teacher_student(arch, args.teacher_seed, args.student_seed, args.alpha)
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     teacher.to(device, memory_format=memory_format)
@@ -260,6 +272,7 @@ def main(argv=None):
 
     distill_step = DistillStep(student, optimizer, accelerator, inputs, TeacherTargets(teacher, inputs, teacher_cache),
                                args.loss, args.teacher_temp, args.student_temp)
+    bn_stats = BatchNormStats(raw_student) if args.log_dynamics else None
 
     @torch.no_grad()
     def param_distance() -> float:
@@ -286,16 +299,22 @@ def main(argv=None):
             epoch_loss = torch.tensor(position["epoch_loss"] if epoch == position["epoch"] else 0.0, device=device)
             for b in range(first, len(batches)):
                 batch = batches[b]
-                per_sample, s_logits, t_logits, embedding = distill_step(rank_slice(batch, rank, world), len(batch))
+                logging = bool(args.log_every) and ((step + 1) % args.log_every == 0 or b == len(batches) - 1)
+                if bn_stats:
+                    bn_stats.active = logging
+                per_sample, s_logits, t_logits, embedding = distill_step(rank_slice(batch, rank, world), len(batch),
+                                                                         record_grads=logging)
                 epoch_loss += per_sample.sum()
                 step += 1
                 bar.update(1)
-                if args.log_every and (step % args.log_every == 0 or b == len(batches) - 1):
+                if logging:
                     diag = loss_diagnostics(s_logits, t_logits, args.teacher_temp, args.student_temp)
                     diag["embedding_norm"] = embedding.float().norm(dim=1).sum()
                     sums = accelerator.reduce(torch.stack(list(diag.values())) / len(batch), reduction="sum")
                     values = {f"train/{k}": v for k, v in zip(diag, sums.tolist())}
                     values["train/param_distance"] = param_distance()
+                    values |= step_diagnostics(raw_student, optimizer, distill_step.grad_sq, args.log_dynamics)
+                    values |= bn_stats.read() if bn_stats else {}
                     log.log(epoch, step, values)
                     bar.set_postfix(ce=f"{values['train/ce']:.6g}", dist=f"{values['train/param_distance']:.3g}")
                 stop = preempt.received is not None

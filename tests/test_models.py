@@ -194,6 +194,24 @@ def test_resnet18_embedding_512_and_stem(size):
         assert enc(torch.randn(2, 3, size, size)).shape == (2, 512)
 
 
+@pytest.mark.parametrize("model", ["resnet18", "vgg11"])
+@pytest.mark.parametrize("size", [32, 96])
+def test_width_scales_every_conv_and_keeps_the_structure(model, size):
+    """--width w: the same modules under the same names, every conv's channels x w, embedding 512 w."""
+    full, half = build_encoder(model, image_size=size), build_encoder(model, image_size=size, width=0.5)
+    convs = lambda enc: {n: m for n, m in enc.named_modules() if isinstance(m, nn.Conv2d)}  # noqa: E731
+    assert full.state_dict().keys() == half.state_dict().keys()
+    for name, conv in convs(full).items():
+        small = convs(half)[name]
+        assert small.out_channels == conv.out_channels // 2 and small.kernel_size == conv.kernel_size
+        assert small.stride == conv.stride and small.in_channels == (3 if conv.in_channels == 3 else conv.in_channels // 2)
+    with torch.no_grad():
+        assert half.eval()(torch.randn(2, 3, size, size)).shape == (2, 256)
+    assert build_encoder(model, width=1.0).state_dict().keys() == full.state_dict().keys()
+    net = DistillationNetwork(model=model, image_size=size, width=0.25, hidden_dims=[8], bottleneck_dim=4, out_dim=8)
+    assert net.embed_dim == 128 and net.config()["width"] == 0.25
+
+
 def test_network_embedding_dim():
     net = DistillationNetwork(model="vgg11", image_size=64, hidden_dims=[8], bottleneck_dim=4, out_dim=8).eval()
     logits, emb = net(torch.randn(2, 3, 64, 64), return_embedding=True)

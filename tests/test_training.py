@@ -16,7 +16,8 @@ from utils.models import init_network, make_teacher_student
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SUBJECTS, PROBES = ("student", "teacher", "input"), ("linear", "knn")
-TRAIN_ROWS = ("train/ce", "train/kl", "train/param_distance", "train/embedding_norm")
+TRAIN_ROWS = ("train/ce", "train/kl", "train/param_distance", "train/embedding_norm", "train/grad_norm",
+              "train/adam_step_norm", "train/eps_damped")
 
 
 def run(dataset, out, *extra) -> None:

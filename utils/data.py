@@ -41,7 +41,9 @@ REGISTRY = {  # SPEC §4
     "stl10": DatasetSpec("jxie/stl10", "image", "label", image_size=96),
     "tinyimagenet": DatasetSpec("zh-plus/tiny-imagenet", "image", "label", test_split="valid", image_size=64),
     "digits": DatasetSpec(None, None, None, image_size=32),
+    "photos": DatasetSpec(None, None, None, image_size=32),
 }
+BUILT_IN = ("digits", "photos")
 
 
 @dataclass
@@ -102,6 +104,85 @@ def build_digits(n_train: int = 5000, n_test: int = 1000, seed: int = 0) -> tupl
         return Split(images, torch.from_numpy(targets[chosen]))
 
     return canvases(train_pool, n_train), canvases(test_pool, n_test)
+
+
+# ------------------------------------------------------------------------------------------ built-in photos
+# The 19 camera-captured photographs inside the scikit-image wheel (skimage/data/), one class each. Left out:
+# the synthetic images (chessboards, color wheel, logo, phantom, horse silhouette) and motorcycle_right (the
+# same scene as motorcycle_left). Provenance and licences: README, "Data".
+PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png", "coffee.png",
+          "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "microaneurysms.png",
+          "moon.png", "motorcycle_left.png", "page.png", "retina.jpg", "rocket.jpg", "text.png")
+
+
+def load_photos() -> list[np.ndarray]:
+    """The PHOTOS as H x W x 3 uint8 arrays (grayscale -> RGB), read from the installed scikit-image."""
+    import skimage
+    from PIL import Image
+
+    folder = Path(skimage.__file__).parent / "data"
+    photos = []
+    for name in PHOTOS:
+        with Image.open(folder / name) as img:
+            photos.append(np.asarray(img.convert("RGB")))
+    return photos
+
+
+def photo_crop_boxes(shapes, n_train: int = 5000, n_test: int = 1000, seed: int = 0, size: int = 32):
+    """Where the `photos` crops come from: for train and test, an int64 array of rows (label, y, x, side) in
+    the coordinates of photograph `label`, and the half (y0, y1, x0, x1) of each photograph each split uses.
+
+    Each photograph is cut in two halves across its longer side; which half trains is a seeded coin flip, so
+    train and test crops never share a pixel. Crop sides are log-uniform in [size, the half's shorter side],
+    positions uniform inside the half, labels balanced (counts differ by at most one) in a shuffled order."""
+    rng = np.random.default_rng(seed)
+    halves = {"train": [], "test": []}
+    for h, w in shapes:
+        cut = [(0, h // 2, 0, w), (h // 2, h, 0, w)] if h >= w else [(0, h, 0, w // 2), (0, h, w // 2, w)]
+        first = int(rng.integers(2))
+        halves["train"].append(cut[first])
+        halves["test"].append(cut[1 - first])
+    boxes = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % len(shapes)
+        rng.shuffle(labels)
+        rows = []
+        for label in labels:
+            y0, y1, x0, x1 = halves[split][label]
+            side = int(round(np.exp(rng.uniform(np.log(size), np.log(min(y1 - y0, x1 - x0))))))
+            rows.append((label, y0 + rng.integers(0, y1 - y0 - side + 1), x0 + rng.integers(0, x1 - x0 - side + 1),
+                         side))
+        boxes[split] = np.array(rows, dtype=np.int64)
+    return boxes, halves
+
+
+def render_crops(photos, boxes: np.ndarray, size: int = 32) -> Split:
+    """Cut each box out of its photograph and area-resample it (PIL box filter) to size x size."""
+    from PIL import Image
+
+    out = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
+    for i, (label, y, x, side) in enumerate(boxes):
+        crop = Image.fromarray(photos[label][y:y + side, x:x + side])
+        out[i] = np.asarray(crop.resize((size, size), Image.BOX) if side != size else crop)
+    return Split(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(boxes[:, 0].copy()))
+
+
+def build_photos(n_train: int = 5000, n_test: int = 1000, seed: int = 0, size: int = 32) -> tuple[Split, Split]:
+    """SPEC §4: `size`x`size` crops at random scales and positions of the photographs bundled with scikit-image,
+    label = source photograph, train and test crops from disjoint halves (see photo_crop_boxes). A pure
+    function of the seed: no download, no randomness outside it."""
+    photos = load_photos()
+    boxes, _ = photo_crop_boxes([p.shape[:2] for p in photos], n_train, n_test, seed, size)
+    return render_crops(photos, boxes["train"], size), render_crops(photos, boxes["test"], size)
+
+
+def load_builtin(name: str) -> "ImageDataset":
+    if name == "digits":
+        train, test = build_digits()
+        return _finish("digits", train, test, 10, {"source": "sklearn UCI digits (built in)"})
+    train, test = build_photos()
+    return _finish("photos", train, test, len(PHOTOS), {"source": "scikit-image bundled photographs (built in)",
+                                                         "class_names": [Path(p).stem for p in PHOTOS]})
 
 
 # --------------------------------------------------------------------------------------- generic loading
@@ -246,9 +327,8 @@ def _encode_labels(train_y: np.ndarray, test_y: np.ndarray, names: list | None):
 def load_dataset(name: str, image_column=None, label_column=None, train_split=None, test_split=None,
                  revision=None, image_size=None, cache_dir=None) -> ImageDataset:
     """Load a registered name, Hub id or local folder into uint8 tensors, decoding each split at most once."""
-    if name == "digits":
-        train, test = build_digits()
-        return _finish("digits", train, test, 10, {"source": "sklearn UCI digits (built in)"})
+    if name in BUILT_IN:
+        return load_builtin(name)
     spec = REGISTRY.get(name)
     if spec is None and "/" not in name and not Path(name).exists():
         raise UsageError("--dataset", f"unknown dataset {name!r}: not built in ({', '.join(REGISTRY)}), "

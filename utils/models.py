@@ -37,21 +37,34 @@ def norm_factory(kind: str):
     raise ValueError(f"unknown norm {kind!r}; choose from {', '.join(NORMS)}")
 
 
-def resnet18_encoder(norm: str, image_size: int) -> nn.Module:
+def scaled(channels: int, width: float) -> int:
+    """A layer's channel count at `--width` (1 = the paper's network)."""
+    return max(1, round(channels * width))
+
+
+def resnet18_encoder(norm: str, image_size: int, width: float = 1.0) -> nn.Module:
     net = torchvision.models.resnet18(weights=None, norm_layer=norm_factory(norm))
+    c = scaled(64, width)
+    if width != 1.0:  # same modules and names, every stage's channels scaled: torchvision's own block builder
+        net.conv1, net.bn1, net.inplanes = nn.Conv2d(3, c, 7, 2, 3, bias=False), net._norm_layer(c), c
+        net.layer1 = net._make_layer(torchvision.models.resnet.BasicBlock, c, 2)
+        for i, stage in enumerate(("layer2", "layer3", "layer4"), start=1):
+            setattr(net, stage, net._make_layer(torchvision.models.resnet.BasicBlock, scaled(64 << i, width), 2,
+                                                stride=2))
     if image_size <= 64:  # CIFAR stem: 3x3 stride-1 conv and no max-pool
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, c, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
 
 
-def vgg11_encoder(norm: str) -> nn.Module:
+def vgg11_encoder(norm: str, width: float = 1.0) -> nn.Module:
     layers, channels = [], 3
     for v in VGG11_CONFIG:
         if v == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             continue
+        v = scaled(v, width)
         layers += [nn.Conv2d(channels, v, kernel_size=3, padding=1), norm_factory(norm)(v), nn.ReLU(inplace=True)]
         channels = v
     # A global average pool makes any input size give 512-d; at 32x32 the map is already 1x1 (identity).
@@ -59,14 +72,15 @@ def vgg11_encoder(norm: str) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def build_encoder(name: str, norm: str | None = None, image_size: int = 32) -> nn.Module:
+def build_encoder(name: str, norm: str | None = None, image_size: int = 32, width: float = 1.0) -> nn.Module:
+    """`width` scales every conv's channels (and so the embedding size): a CPU-scale proxy of the paper's nets."""
     if name not in ENCODERS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(ENCODERS)}")
     norm = norm or DEFAULT_NORM[name]
     if name == "resnet18":
-        return resnet18_encoder(norm, image_size)
+        return resnet18_encoder(norm, image_size, width)
     if name == "vgg11":
-        return vgg11_encoder(norm)
+        return vgg11_encoder(norm, width)
     return nn.Flatten()
 
 
@@ -165,11 +179,11 @@ class DINOHead(nn.Module):
 
 # ------------------------------------------------------------------------------------------ the network
 def resolve_arch(model="resnet18", norm=None, image_size=32, hidden_dims=(2048, 2048), bottleneck_dim=256,
-                 out_dim=65536, bottleneck="default") -> dict:
+                 out_dim=65536, bottleneck="default", width=1.0) -> dict:
     """Architecture arguments with defaults and presets spelled out, so a saved config is unambiguous."""
     return dict(model=model, norm=norm or DEFAULT_NORM.get(model), image_size=image_size,
                 hidden_dims=list(hidden_dims), bottleneck_dim=bottleneck_dim, out_dim=out_dim,
-                bottleneck=BOTTLENECK_PRESETS.get(bottleneck, bottleneck))
+                bottleneck=BOTTLENECK_PRESETS.get(bottleneck, bottleneck), width=float(width))
 
 
 class DistillationNetwork(nn.Module, PyTorchModelHubMixin, library_name="random-teachers",
@@ -184,12 +198,12 @@ class DistillationNetwork(nn.Module, PyTorchModelHubMixin, library_name="random-
 
     def __init__(self, model: str = "resnet18", norm: str | None = None, image_size: int = 32,
                  hidden_dims: list[int] | tuple[int, ...] = (2048, 2048), bottleneck_dim: int = 256,
-                 out_dim: int = 65536, bottleneck: str = "default", teacher_seed: int | None = None,
-                 student_seed: int | None = None, alpha: float | None = None):
+                 out_dim: int = 65536, bottleneck: str = "default", width: float = 1.0,
+                 teacher_seed: int | None = None, student_seed: int | None = None, alpha: float | None = None):
         super().__init__()
-        self.arch = resolve_arch(model, norm, image_size, hidden_dims, bottleneck_dim, out_dim, bottleneck)
+        self.arch = resolve_arch(model, norm, image_size, hidden_dims, bottleneck_dim, out_dim, bottleneck, width)
         self.seeds = dict(teacher_seed=teacher_seed, student_seed=student_seed, alpha=alpha)
-        self.encoder = build_encoder(model, self.arch["norm"], image_size)
+        self.encoder = build_encoder(model, self.arch["norm"], image_size, width)
         with torch.no_grad():  # infer the embedding size instead of hard-coding it (the official VGG bug)
             self.embed_dim = self.encoder.eval()(torch.zeros(2, 3, image_size, image_size)).shape[1]
         self.encoder.train()

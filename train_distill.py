@@ -98,7 +98,10 @@ def parse_args(argv=None):
     s = p.add_argument_group("speed (opt-in options change numerics slightly)")
     s.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
                    help="autocast for student and teacher (default: from the accelerate config)")
-    s.add_argument("--channels-last", action="store_true")
+    s.add_argument("--channels-last", nargs="?", choices=("auto", "on", "off"), const="on", default="auto",
+                   help="channels_last memory layout for the convolutions (fp32 stays fp32; only the summation order "
+                        "of the conv kernels changes). auto: on for resnet18 (1.28x per step on 2 CPU threads), off "
+                        "for vgg11 (0.96x); README 'Speed'")
     s.add_argument("--compile", action="store_true", help="torch.compile the student")
     s.add_argument("--no-teacher-cache", action="store_true",
                    help="run the whole teacher every step instead of caching its per-image bottleneck output")
@@ -107,6 +110,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.push_only:
         return args
+    args.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and args.model == "resnet18")
     check_range("--alpha", args.alpha, 0.0, 1.0)
     if not 0 < args.width <= 16:
         raise UsageError("--width", f"must be in (0, 16], got {args.width}")

@@ -114,7 +114,13 @@ def test_two_processes_match_one_over_the_same_global_batch(runs):
     m1, m2 = train(single), train(ddp)
     assert list(m1.index) == list(m2.index)
     assert len(m1.xs("train/ce", level="metric")) == steps
-    torch.testing.assert_close(torch.tensor(m2.values), torch.tensor(m1.values), rtol=1e-5, atol=1e-6)
+    # The Adam step sizes inherit the round-off flips described below (a few elements' full +-lr steps), so they
+    # agree to 1e-3 rather than 1e-5; everything computed from the loss agrees tightly.
+    step_sizes = m1.index.get_level_values("metric").isin(["train/adam_step_norm", "train/eps_damped", "train/grad_norm"])
+    torch.testing.assert_close(torch.tensor(m2.values[~step_sizes]), torch.tensor(m1.values[~step_sizes]), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(torch.tensor(m2.values[step_sizes]), torch.tensor(m1.values[step_sizes]), rtol=1e-3,
+                               atol=1e-6)
 
     # Final student parameters. Summing two half-batch gradients (all-reduce) instead of one full-batch sum changes
     # the float rounding, and Adam divides every update by the gradient's own magnitude: for the rare weights whose

@@ -51,10 +51,10 @@ class Steps:
         self.mp = pytest.MonkeyPatch()
         original = DistillStep.__call__
 
-        def wrapped(step_self, idx, global_batch):
+        def wrapped(step_self, idx, global_batch, **kwargs):
             if self.calls == 0 and self.on_first is not None:
                 self.on_first()
-            result = original(step_self, idx, global_batch)
+            result = original(step_self, idx, global_batch, **kwargs)
             self.calls += 1
             if self.calls == self.interrupt_after:
                 # never deliver a signal that would kill the test process: the script must have a handler installed
@@ -162,10 +162,10 @@ def test_signal_handlers_are_restored_when_training_fails(tiny_dataset, tmp_path
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     original = DistillStep.__call__
 
-    def failing(self, idx, global_batch):
+    def failing(self, idx, global_batch, **kwargs):
         if self.optimizer.state:  # the second step
             raise RuntimeError("simulated failure mid-training")
-        return original(self, idx, global_batch)
+        return original(self, idx, global_batch, **kwargs)
 
     monkeypatch.setattr(DistillStep, "__call__", failing)
     try:

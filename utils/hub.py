@@ -13,6 +13,7 @@ import pandas as pd
 
 from utils.cli import UsageError
 from utils.models import PAPER_URL, DistillationNetwork
+from utils.results import markdown_table
 
 RUN_FILES = ("config.json", "metrics.csv", "summary.json", "probe_table.csv", "probe_accuracy.png")
 PROBE_FILES = ("probe_table.csv", "probe_results.json")
@@ -107,13 +108,6 @@ or probe it directly: `python probe.py --student <this repo or folder> --dataset
 """
     with atomic_path(student_dir / "README.md") as tmp:
         tmp.write_text(text)
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    cells = [[table.index.name or ""] + list(table.columns)]
-    cells += [[str(i)] + [f"{v:.2f}" for v in row] for i, row in zip(table.index, table.to_numpy())]
-    lines = ["| " + " | ".join(r) + " |" for r in cells]
-    return "\n".join(lines[:1] + ["|" + "---|" * len(cells[0])] + lines[1:])
 
 
 # ------------------------------------------------------------------------------------------- pushing

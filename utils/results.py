@@ -116,6 +116,19 @@ def probe_table(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("subject")
 
 
+def markdown_table(table: pd.DataFrame, digits: int = 2) -> str:
+    """A markdown table with the index as first column; floats to `digits` places, NaN as '-'."""
+    def cell(v):
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.{digits}f}"
+        return str(v)
+
+    cells = [[table.index.name or ""] + list(map(str, table.columns))]
+    cells += [[str(i)] + [cell(v) for v in row] for i, row in zip(table.index, table.astype(object).to_numpy())]
+    lines = ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join(lines[:1] + ["|" + "---|" * len(cells[0])] + lines[1:])
+
+
 def format_table(table: pd.DataFrame) -> str:
     return table.to_string(float_format=lambda v: f"{v:6.2f}", na_rep="   -")
 

@@ -42,7 +42,7 @@ def probe_curve(metrics: pd.DataFrame, subject: str, probe: str) -> pd.DataFrame
 
 def main_row(run: dict) -> dict:
     m, cfg = run["metrics"], run["config"]
-    row = {"model": cfg["model"], "dataset": cfg["dataset"], "steps": run["steps"],
+    row = {"run": run["name"], "steps": run["steps"],
            "status": "finished" if run["finished"] else "running"}
     for probe in PROBES:
         student = probe_curve(m, "student", probe)
@@ -127,21 +127,23 @@ def main(argv=None):
     runs = [load(d) for d in sorted(Path(args.runs).iterdir()) if (d / "metrics.csv").exists()]
     if not runs:
         sys.exit(f"error: no run folders with a metrics.csv under {args.runs}")
-    mains = [r for r in runs if r["name"] == f"{r['config']['model']}-{r['config']['dataset']}"]
-    variants = [r for r in runs if r not in mains]
-    table = pd.DataFrame([main_row(r) for r in mains])
+    def key(r):
+        return r["config"]["model"], r["config"]["dataset"]
+
+    mains = [r for r in runs if r["name"] == "-".join(key(r))]  # runs/fidelity/<model>-<dataset>
+    variants = [r for r in runs if r not in mains and any(key(m) == key(r) for m in mains)]
+    rows = [r for r in runs if r not in variants]  # a folder with no main run of its kind gets its own row
+    table = pd.DataFrame([main_row(r) for r in rows])
     for probe in PROBES:
         print(f"\n### {probe} probe (%)\n")
-        cols = ["model", "dataset", "steps", "status"] + [c for c in table.columns if c.startswith(f"{probe}:")]
+        cols = ["run", "steps", "status"] + [c for c in table.columns if c.startswith(f"{probe}:")]
         print(fmt(table[cols].rename(columns=lambda c: c.split(": ")[-1])))
     if variants:
         rows = []
         for run in variants:
-            cfg = run["config"]
-            main = next((m for m in mains if m["config"]["model"] == cfg["model"]
-                         and m["config"]["dataset"] == cfg["dataset"]), None)
+            main = next(m for m in mains if key(m) == key(run))
             epoch = int(run["metrics"].epoch.max())
-            mine, ref = at_epoch(run, epoch), at_epoch(main, epoch) if main else {}
+            mine, ref = at_epoch(run, epoch), at_epoch(main, epoch)
             rows.append({"run": run["name"], "epoch": epoch, "steps": run["steps"],
                          "k-NN": mine["knn"], "main run k-NN": ref.get("knn"),
                          "linear (std)": mine["linear_std"], "main run linear (std)": ref.get("linear_std"),
@@ -151,9 +153,12 @@ def main(argv=None):
         print(fmt(pd.DataFrame(rows)))
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    plot_probes(mains, docs / f"{args.prefix}_probes.png")
-    plot_dynamics(mains, docs / f"{args.prefix}_dynamics.png")
-    print(f"\nfigures: {docs / (args.prefix + '_probes.png')}, {docs / (args.prefix + '_dynamics.png')}")
+    figures = [docs / f"{args.prefix}_dynamics.png"]
+    plot_dynamics(rows, figures[0])
+    if mains:
+        figures.append(docs / f"{args.prefix}_probes.png")
+        plot_probes(mains, figures[1])
+    print("\nfigures: " + ", ".join(map(str, figures)))
 
 
 if __name__ == "__main__":

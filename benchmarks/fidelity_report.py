@@ -43,7 +43,7 @@ def probe_curve(metrics: pd.DataFrame, subject: str, probe: str) -> pd.DataFrame
 def main_row(run: dict) -> dict:
     m, cfg = run["metrics"], run["config"]
     row = {"run": run["name"], "steps": run["steps"],
-           "status": "finished" if run["finished"] else "running"}
+           "status": f"finished, {run['wall_s'] / 60:.0f} min" if run["finished"] else "running"}
     for probe in PROBES:
         student = probe_curve(m, "student", probe)
         trained = student[student.epoch > 0]
@@ -55,11 +55,13 @@ def main_row(run: dict) -> dict:
 
 
 def at_epoch(run: dict, epoch: int) -> dict:
-    out = {}
+    """The student's k-NN and standardised linear accuracy (%) at the probe of `epoch`, and that probe's step."""
+    out = {"step": None}
     for probe in ("knn", "linear_std"):
         curve = probe_curve(run["metrics"], "student", probe)
         hit = curve[curve.epoch == epoch]
         out[probe] = 100 * hit.value.iloc[0] if len(hit) else float("nan")
+        out["step"] = int(hit.step.iloc[0]) if len(hit) else out["step"]
     return out
 
 
@@ -123,6 +125,7 @@ def main(argv=None):
     p.add_argument("--runs", default="runs/fidelity", help="folder holding the run folders")
     p.add_argument("--docs", default="docs", help="where the figures go")
     p.add_argument("--prefix", default="fidelity", help="file-name prefix of the figures")
+    p.add_argument("--at-epoch", type=int, help="compare the variants at this epoch (default: each one's last)")
     args = p.parse_args(argv)
     runs = [load(d) for d in sorted(Path(args.runs).iterdir()) if (d / "metrics.csv").exists()]
     if not runs:
@@ -139,18 +142,18 @@ def main(argv=None):
         cols = ["run", "steps", "status"] + [c for c in table.columns if c.startswith(f"{probe}:")]
         print(fmt(table[cols].rename(columns=lambda c: c.split(": ")[-1])))
     if variants:
-        rows = []
+        compared = []
         for run in variants:
             main = next(m for m in mains if key(m) == key(run))
-            epoch = int(run["metrics"].epoch.max())
+            epoch = args.at_epoch or int(run["metrics"].epoch.max())
             mine, ref = at_epoch(run, epoch), at_epoch(main, epoch)
-            rows.append({"run": run["name"], "epoch": epoch, "steps": run["steps"],
+            compared.append({"run": run["name"], "epoch": epoch, "step": mine["step"],
                          "k-NN": mine["knn"], "main run k-NN": ref.get("knn"),
                          "linear (std)": mine["linear_std"], "main run linear (std)": ref.get("linear_std"),
                          "teacher k-NN": 100 * probe_curve(run["metrics"], "teacher", "knn").value.mean(),
                          "teacher linear (std)": 100 * probe_curve(run["metrics"], "teacher", "linear_std").value.mean()})
-        print("\n### variants: student at the variant's last epoch, beside the main run at the same epoch (%)\n")
-        print(fmt(pd.DataFrame(rows)))
+        print("\n### variants: the student at one epoch, beside the main run's student at the same epoch (%)\n")
+        print(fmt(pd.DataFrame(compared)))
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     figures = [docs / f"{args.prefix}_dynamics.png"]

@@ -147,7 +147,7 @@ def main(argv=None):
             main = next(m for m in mains if key(m) == key(run))
             epoch = args.at_epoch or int(run["metrics"].epoch.max())
             mine, ref = at_epoch(run, epoch), at_epoch(main, epoch)
-            compared.append({"run": run["name"], "epoch": epoch, "step": mine["step"],
+            compared.append({"run": run["name"], "epoch": epoch, "step": str(mine["step"] or "-"),
                          "k-NN": mine["knn"], "main run k-NN": ref.get("knn"),
                          "linear (std)": mine["linear_std"], "main run linear (std)": ref.get("linear_std"),
                          "teacher k-NN": 100 * probe_curve(run["metrics"], "teacher", "knn").value.mean(),

@@ -21,16 +21,17 @@ runs=${RUNS:-runs/gpu}
 epochs=${EPOCHS:-500}
 mkdir -p "$out" "$runs"
 export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}  # the device image names its torch interpreter python3; it has no `datasets` (not needed here)
 read -r -a extra <<< "${EXTRA:-}"
 read -r -a bench <<< "${BENCH:-}"
 (nvidia-smi || true) > "$out/session.txt" 2>&1
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" >> "$out/session.txt" 2>&1
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" >> "$out/session.txt" 2>&1
 start=$(date +%s)
 
 for model in resnet18 vgg11; do
   for dataset in digits photos; do
     name=$model-$dataset
-    timeout -s TERM -k 30 "${RUN_SECONDS:-330}" python train_distill.py --model "$model" --dataset "$dataset" \
+    timeout -s TERM -k 30 "${RUN_SECONDS:-330}" "$py" train_distill.py --model "$model" --dataset "$dataset" \
       --epochs "$epochs" --probe-every 25 --probe-standardized --log-every 50 --log-dynamics --checkpoint-every 0 \
       --output-dir "$runs/$name" "${extra[@]}" > "$runs/$name.log" 2>&1 &
   done
@@ -38,7 +39,7 @@ done
 wait
 echo "fidelity runs: $(( $(date +%s) - start )) s" >> "$out/session.txt"
 
-python benchmarks/bench_gpu.py --models resnet18 vgg11 "${bench[@]}" > "$out/bench_gpu.txt" 2>&1
+"$py" benchmarks/bench_gpu.py --models resnet18 vgg11 "${bench[@]}" > "$out/bench_gpu.txt" 2>&1
 echo "total: $(( $(date +%s) - start )) s" >> "$out/session.txt"
 tail -n 3 "$runs"/*.log >> "$out/session.txt" 2>/dev/null
 tar czf "$out/gpu_session.tar.gz" "$runs"/*.log $(ls "$runs"/*/{metrics.csv,summary.json,config.json,probe_table.csv,probe_accuracy.png} 2>/dev/null)

@@ -5,10 +5,10 @@
     python benchmarks/bench_precision.py --models vgg11 --batch-size 64 --width 0.25
 
 Every configuration runs the same utils.distill.DistillStep (teacher cache on, fused AdamW), under the
-autocast that train_distill.py's --mixed-precision no / bf16 gives on a CPU (torch.autocast("cpu", bfloat16);
-one process can hold only one accelerate state, hence the small stand-in below), on contiguous or
-channels_last tensors, from the same initial weights. Timing: --warmup untimed steps, then --repeats rounds of --steps steps per configuration,
-interleaved round-robin so machine noise spreads over all of them; the table gives the median s/step and the
+autocast that train_distill.py's --mixed-precision no / bf16 gives on a CPU (torch.autocast("cpu",
+bfloat16); one process can hold only one accelerate state, hence the small stand-in below), on contiguous
+or channels_last tensors, from the same initial weights. Timing: --warmup untimed steps, then --repeats
+rounds of --steps steps per configuration, interleaved round-robin so machine noise spreads over all of them; the table gives the median s/step and the
 speed ratio against fp32 contiguous of the same model. Which path is fastest depends on the CPU (AMX-bf16 or
 not) and on the thread count, so measure on the machine that will run the experiments.
 """

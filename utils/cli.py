@@ -38,8 +38,8 @@ def main_guard(main):
 def add_data_args(p: argparse.ArgumentParser, default_dataset: str | None = "digits") -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=default_dataset,
-                   help="built-in name (cifar10, cifar100, stl10, tinyimagenet; offline: digits, photos), any Hub dataset id, or a "
-                        "local folder (parquet, imagefolder, or save_to_disk)")
+                   help="built-in name (cifar10, cifar100, stl10, tinyimagenet; offline: digits, photos), any Hub "
+                        "dataset id, or a local folder (parquet, imagefolder, or save_to_disk)")
     g.add_argument("--image-column", help="image column (default: the registry's, else the first Image column)")
     g.add_argument("--label-column", help="label column (default: the registry's, else 'label')")
     g.add_argument("--train-split", help="split used for training and probe training (default: registry / 'train')")

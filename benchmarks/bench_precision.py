@@ -44,7 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("batch_size", "threads", "steps", "repeats"):
+        if getattr(args, flag) < 1:
+            p.error(f"argument --{flag.replace('_', '-')}: must be >= 1")
+    if not 0 < args.width <= 16:
+        p.error("argument --width: must be in (0, 16]")
+    return args
 
 
 class CPUAutocast:

@@ -12,7 +12,8 @@
 # 79 steps per epoch (5,000 images at batch 64): 38 epochs = 3,002 steps, 25 = 1,975, 8 = 632 (the variants: compared with the main run at epoch 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=${1:?usage: fidelity_cpu.sh resnet18|vgg11 [RUNS_DIR]}
+model=${1:-}
+case "$model" in resnet18|vgg11) ;; *) echo "usage: fidelity_cpu.sh resnet18|vgg11 [RUNS_DIR]" >&2; exit 2;; esac
 runs=${2:-runs/fidelity}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 common=(--model "$model" --width 0.25 --batch-size 64 --probe-every 2 --probe-standardized --checkpoint-every 2

@@ -127,6 +127,8 @@ def main(argv=None):
     p.add_argument("--prefix", default="fidelity", help="file-name prefix of the figures")
     p.add_argument("--at-epoch", type=int, help="compare the variants at this epoch (default: each one's last)")
     args = p.parse_args(argv)
+    if not Path(args.runs).is_dir():
+        sys.exit(f"error: argument --runs: {args.runs} is not a folder")
     runs = [load(d) for d in sorted(Path(args.runs).iterdir()) if (d / "metrics.csv").exists()]
     if not runs:
         sys.exit(f"error: no run folders with a metrics.csv under {args.runs}")

@@ -9,34 +9,37 @@ encoder features (SPEC §3); prints the table and writes probe_table.csv and pro
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import sys
-import time
 from pathlib import Path
 
-import pandas as pd
-import torch
-from accelerate import Accelerator
+from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, check_image_size, check_output_dir,
+                       count, fill_probe_defaults, main_guard, output_problem)
 
-from utils.cli import ArgumentParser, UsageError, add_data_args, add_probe_args, main_guard
-from utils.data import Normalizer, load_dataset, validation_split
-from utils.hub import new_run_id, push_or_explain, resolve_student
-from utils.probing import extract_features, probe_features
-from utils.results import environment, format_table, probe_table, summarize, write_json, write_table
+# Settings of the probed run that are reused when probing it on its own dataset (unless a flag overrides them).
+RUN_DATA_SETTINGS = ("image_column", "label_column", "train_split", "test_split", "revision", "image_size",
+                     "val_size", "seed")
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--student", help="run folder, save_pretrained folder or Hub model id")
-    p.add_argument("--student-revision", help="Hub revision of the student")
-    add_data_args(p, default_dataset=None)
-    add_probe_args(p)
-    p.add_argument("--val-size", type=int, default=0, help="hold out this many training images for validation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
-    p.add_argument("--no-teacher", action="store_true", help="skip the teacher rebuilt from the student's seed")
-    p.add_argument("--input", action="store_true", help="also probe the raw pixels")
-    p.add_argument("--output-dir", help="where to write the table (default: <run>/probes/<dataset>, or "
-                                        "runs/probe-<student>-<dataset>)")
+    """Parse and check every flag (torch-free, so a bad flag is reported before torch is imported)."""
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       epilog="Exit status: 0 done, 1 the Hub push failed (rerun with --push-only), 2 bad input.")
+    s = p.add_argument_group("student")
+    s.add_argument("--student", help="run folder, save_pretrained folder or Hub model id (required)")
+    s.add_argument("--student-revision", help="Hub revision of the student (default: the latest)")
+    s.add_argument("--no-teacher", action="store_true", help="skip the teacher rebuilt from the student's seed")
+    s.add_argument("--input", action="store_true", help="also probe the raw pixels")
+    d = add_data_args(p, default_dataset=None, inherited=True)
+    d.add_argument("--val-size", type=count(0), help="hold out this many training images for validation "
+                                                     "(default: the run's value on its dataset, else 0)")
+    d.add_argument("--seed", type=count(0), help="seed of the validation split (default: the run's value on its "
+                                                 "dataset, else 0)")
+    add_probe_args(p, inherited=True)
+    o = p.add_argument_group("output")
+    o.add_argument("--output-dir", help="where to write the table (default: <run>/probes/<dataset> for a run "
+                                        "folder, else runs/probe-<student>-<dataset>; a read-only run folder "
+                                        "falls back to the latter)")
     h = p.add_argument_group("Hugging Face Hub")
     h.add_argument("--push-to-hub", metavar="REPO", help="upload the probe tables to probes/<id>/ in this repo")
     h.add_argument("--hub-private", action="store_true", help="create the repo as private")
@@ -44,7 +47,68 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.push_only and not args.student:
         raise UsageError("--student", "required (a run folder, a save_pretrained folder or a Hub model id)")
+    if args.output_dir:
+        check_output_dir("--output-dir", Path(args.output_dir))
     return args
+
+
+if __name__ == "__main__":  # torch takes seconds to import: report a bad flag before that
+    main_guard(parse_args)()
+
+# ruff: noqa: E402  (the heavy imports below follow the flag check on purpose)
+import json
+import time
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+
+from utils.data import Normalizer, load_dataset, validation_split
+from utils.hub import new_run_id, push_or_explain, resolve_student
+from utils.probing import extract_features, probe_features
+from utils.results import environment, format_table, probe_table, summarize, write_json, write_table
+
+
+def reuse_run_settings(args, run_config: dict | None) -> list[str]:
+    """Fill unset flags from the probed run: its data settings when probing its own dataset, its probe settings
+    always (so its table is reproduced); return the `--flag=value` taken from it."""
+    run_config = run_config or {}
+    args.dataset = args.dataset or run_config.get("dataset")
+    if args.dataset is None:
+        raise UsageError("--dataset", "required when --student is not a run folder")
+    taken = []
+    if args.dataset == run_config.get("dataset"):
+        for key in RUN_DATA_SETTINGS:
+            if getattr(args, key) is None and run_config.get(key) not in (None, 0):
+                setattr(args, key, run_config[key])
+                taken.append(f"--{key.replace('_', '-')}={run_config[key]}")
+    args.val_size, args.seed = args.val_size or 0, args.seed or 0
+    return taken + fill_probe_defaults(args, run_config)
+
+
+def student_label(ref: str, revision: str | None) -> str:
+    """A folder name unique to the student: a local folder's name plus a hash of its absolute path (two
+    save_pretrained folders both called `student` never share one), or the Hub id."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        resolved = path.resolve()
+        return f"{resolved.name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+    return ref.replace("/", "--") + (f"@{revision}" if revision else "")
+
+
+def output_folder(args, run_config: dict | None) -> Path:
+    """Checked before anything is computed; a read-only run folder falls back to runs/ (said in one line)."""
+    if args.output_dir:
+        return Path(args.output_dir)
+    name = Path(args.dataset).name
+    fallback = Path("runs") / f"probe-{student_label(args.student, args.student_revision)}-{name}"
+    if run_config:
+        preferred = Path(args.student) / "probes" / name
+        problem = output_problem(preferred)
+        if problem is None:
+            return preferred
+        print(f"note: {problem}; writing the probe results to {fallback} instead")
+    return check_output_dir("--output-dir", fallback)
 
 
 def push_only(args) -> int:
@@ -66,12 +130,19 @@ def main(argv=None):
     started = time.time()
     accelerator = Accelerator()
     student, run_config = resolve_student(args.student, revision=args.student_revision)
-    dataset = args.dataset or (run_config or {}).get("dataset")
-    if dataset is None:
-        raise UsageError("--dataset", "required when --student is not a run folder")
+    taken = reuse_run_settings(args, run_config)
+    check_image_size(args.dataset, args.image_size, student.arch["model"])
+    out = output_folder(args, run_config)
+    if taken:
+        accelerator.print(f"probing with the run's settings {' '.join(taken)} (pass a flag to override)")
+    dataset = args.dataset
     with accelerator.main_process_first():
         data = load_dataset(dataset, args.image_column, args.label_column, args.train_split, args.test_split,
                             args.revision, args.image_size, args.data_cache)
+    check_image_size(dataset, data.image_size, student.arch["model"], loaded=True)
+    if data.image_size != student.arch["image_size"]:
+        accelerator.print(f"note: the student was trained on {student.arch['image_size']} px images and is probed "
+                          f"on {data.image_size} px ones (--image-size changes that)")
     device = accelerator.device
     train_idx, val_idx = validation_split(len(data.train), args.val_size, args.seed) if args.val_size else \
         (torch.arange(len(data.train)), None)
@@ -97,8 +168,6 @@ def main(argv=None):
         results |= probe("input", torch.nn.Flatten())
 
     name = Path(dataset).name
-    out = Path(args.output_dir) if args.output_dir else (
-        Path(args.student) / "probes" / name if run_config else Path("runs") / f"probe-{Path(args.student).name}-{name}")
     rows = [{"epoch": 0, "step": 0, "metric": k, "value": v} for k, v in results.items()]
     table = probe_table(summarize(pd.DataFrame(rows)))
     table = table[[c for c in table.columns if c.endswith("final") or c.endswith("@val")]]

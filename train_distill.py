@@ -11,86 +11,84 @@ Writes config.json, metrics.csv, summary.json, probe_table.csv, probe_accuracy.p
 """
 from __future__ import annotations
 
-import json
-import math
-import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from tqdm.auto import tqdm
-
-from utils.checkpoint import PreemptionSignal, list_checkpoints, load_latest_checkpoint, save_checkpoint
-from utils.cli import ArgumentParser, UsageError, add_data_args, add_probe_args, check_range, main_guard
-from utils.data import (Normalizer, class_balanced_subset, epoch_batches, load_dataset, noise_inputs, rank_slice,
-                        validation_split)
-from utils.distill import DistillStep, TeacherTargets, make_optimizer
-from utils.dynamics import BatchNormStats, step_diagnostics
-from utils.hub import new_run_id, push_or_explain, write_model_card
-from utils.losses import LOSSES, loss_diagnostics
-from utils.models import ENCODERS, NORMS, make_teacher_student, parse_bottleneck
-from utils.probing import extract_features, probe_features
-from utils.results import (MetricLog, environment, format_table, plot_probes, probe_table, summarize,
-                           write_json, write_table)
+from utils.choices import ENCODERS, LOSSES, NORMS, parse_bottleneck
+from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, check_image_size, check_output_dir,
+                       count, fraction, main_guard, non_negative, positive)
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@")
-    m = p.add_argument_group("networks (SPEC §1)")
-    m.add_argument("--model", choices=ENCODERS, default="resnet18")
+    """Parse and check every flag (torch-free, so a bad flag is reported before torch is imported)."""
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@",
+                       epilog="Exit status: 0 done (or already done), 1 the Hub push failed (rerun with --push-only), "
+                              "2 bad input (nothing changed on disk), 3 the run diverged, 128+N stopped by signal N "
+                              "after a checkpoint (rerun the same command to resume).")
+    m = p.add_argument_group("networks")
+    m.add_argument("--model", choices=ENCODERS, default="resnet18",
+                   help="encoder of teacher and student; flatten: no encoder (the head on raw pixels)")
     m.add_argument("--norm", choices=NORMS, help="normalisation after every conv (default: batch for resnet18, "
                                                  "none for vgg11)")
-    m.add_argument("--hidden-dims", type=int, nargs="*", default=[2048, 2048], help="head MLP widths")
-    m.add_argument("--bottleneck-dim", type=int, default=256)
-    m.add_argument("--out-dim", type=int, default=65536, help="head output dimension (Fig. 11: 2^5 ... 2^16)")
-    m.add_argument("--width", type=float, default=1.0,
-                   help="scale every conv layer's channels (and the embedding size) by this factor; 1 = the paper's "
-                        "network, < 1 a CPU-scale proxy (the head keeps its paper widths)")
+    m.add_argument("--width", type=positive, default=1.0,
+                   help="scale every conv layer's channels (and the embedding size) by this factor, at most 16; 1 = "
+                        "the paper's network, < 1 a CPU-scale proxy (the head keeps its widths)")
+    m.add_argument("--hidden-dims", type=count(1), nargs="*", default=[2048, 2048],
+                   help="widths of the head's hidden MLP layers (none: a linear head)")
+    m.add_argument("--bottleneck-dim", type=count(1), default=256, help="width of the head's L2 bottleneck")
+    m.add_argument("--out-dim", type=count(1), default=65536,
+                   help="head output dimension: the number of soft classes (Fig. 11 sweeps 2^5 ... 2^16)")
     m.add_argument("--bottleneck", default="default",
-                   help="six-slot wn1/lin1/fn1/wn2/lin2/fn2 string or preset: default = -/lb/fn/wn/l/- (paper "
-                        "text), official = -/lb/fn/-/l/- (what the official code ran: its wn was a no-op)")
-    t = p.add_argument_group("teacher, student and objective (SPEC §2)")
-    t.add_argument("--alpha", type=float, default=1e-10, help="locality of the student init, in [0, 1]")
-    t.add_argument("--teacher-seed", type=int, default=0)
-    t.add_argument("--student-seed", type=int, default=1, help="seed of the fresh init mixed in with weight alpha")
-    t.add_argument("--loss", choices=LOSSES, default="ce")
-    t.add_argument("--teacher-temp", type=float, default=1.0)
-    t.add_argument("--student-temp", type=float, default=1.0)
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=150)
-    o.add_argument("--batch-size", type=int, default=256, help="global batch size (split across processes)")
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of weights with >= 2 dims")
-    o.add_argument("--bias-weight-decay", type=float, default=0.0,
+                   help="six-slot wn1/lin1/fn1/wn2/lin2/fn2 string or a preset: default = -/lb/fn/wn/l/- (the "
+                        "paper's text), official = -/lb/fn/-/l/- (what the official code ran: its wn was a no-op)")
+    t = p.add_argument_group("teacher, student and objective")
+    t.add_argument("--alpha", type=fraction, default=1e-10,
+                   help="locality of the student's init, in [0, 1]: student = (1 - alpha) teacher + alpha fresh init")
+    t.add_argument("--teacher-seed", type=count(0), default=0, help="seed of the random teacher's init")
+    t.add_argument("--student-seed", type=count(0), default=1,
+                   help="seed of the fresh init mixed into the student with weight alpha")
+    t.add_argument("--loss", choices=LOSSES, default="ce",
+                   help="ce: cross-entropy to the teacher's softmax (the paper's); kl: its KL form (same gradient); "
+                        "mse: squared error of the raw outputs")
+    t.add_argument("--teacher-temp", type=positive, default=1.0, help="softmax temperature of the teacher's targets")
+    t.add_argument("--student-temp", type=positive, default=1.0, help="softmax temperature of the student's outputs")
+    o = p.add_argument_group("optimisation (AdamW)")
+    o.add_argument("--epochs", type=count(1), default=150, help="passes over the training images")
+    o.add_argument("--batch-size", type=count(1), default=256, help="global batch size (split across processes)")
+    o.add_argument("--lr", type=positive, default=1e-3, help="AdamW learning rate (constant)")
+    o.add_argument("--weight-decay", type=non_negative, default=0.0, help="AdamW decay of weights with >= 2 dims")
+    o.add_argument("--bias-weight-decay", type=non_negative, default=0.0,
                    help="AdamW decay of biases and norm parameters (the official code silently used 0.01)")
-    o.add_argument("--seed", type=int, default=0, help="data order, subsets, validation split and noise")
-    d = p.add_argument_group("data (SPEC §4)")
-    add_data_args(p, default_dataset="cifar10")
-    d.add_argument("--train-subset", type=int, help="distil on a class-balanced subset of this many images")
+    o.add_argument("--seed", type=count(0), default=0, help="seed of the data order, subsets, validation split and "
+                                                            "noise inputs")
+    d = add_data_args(p, default_dataset="cifar10")
+    d.add_argument("--train-subset", type=count(1), help="distil on a class-balanced subset of this many images "
+                                                         "(default: all; probes always use all)")
     d.add_argument("--input-noise", action="store_true",
                    help="distil on a fixed set of N(0,1) images instead (probing still uses clean data)")
-    d.add_argument("--val-size", type=int, default=0,
+    d.add_argument("--val-size", type=count(0), default=0,
                    help="hold out this many training images; also report test accuracy at the best-val epoch")
-    add_probe_args(p)
-    p.add_argument("--probe-every", type=int, default=1, help="probe the student every N epochs (0: first/last)")
-    r = p.add_argument_group("run")
+    g = add_probe_args(p)
+    g.add_argument("--probe-every", type=count(0), default=1,
+                   help="probe the student every N epochs (0: only before training and at the end)")
+    r = p.add_argument_group("run folder, logging and checkpoints")
     r.add_argument("--output-dir", help="run folder (default: runs/distill-<dataset>-<model>-a<alpha>-s<seed>)")
-    r.add_argument("--overwrite", action="store_true", help="rerun even if the run folder holds a finished run")
-    r.add_argument("--log-every", type=int, default=25,
+    r.add_argument("--overwrite", action="store_true",
+                   help="discard the folder's finished run, or its interrupted run of other arguments, and start "
+                        "over; an interrupted run of these same arguments is resumed even so (exactly the result "
+                        "of starting over), so a requeued job never restarts from zero")
+    r.add_argument("--log-every", type=count(0), default=25,
                    help="log train diagnostics (loss, KL, embedding norm, distance to the teacher, gradient and "
-                        "Adam step norms) every N steps")
+                        "Adam step norms) every N steps (0: never)")
     r.add_argument("--log-dynamics", action="store_true",
                    help="also log per-layer gradient / Adam step / weight sizes, the share of each layer's step "
                         "damped by Adam's eps, and BatchNorm running vs batch statistics (dynamics/* metrics)")
-    r.add_argument("--checkpoint-every", type=int, default=5,
-                   help="save a resumable checkpoint every N epochs and at the end (0: only on SIGTERM/SIGUSR1)")
-    r.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    r.add_argument("--checkpoint-every", type=count(0), default=5,
+                   help="save a resumable checkpoint every N epochs (0: only when stopped by SIGTERM/SIGUSR1); "
+                        "checkpoints are deleted once the run has finished")
+    r.add_argument("--keep-checkpoints", type=count(1), default=2, help="how many of the newest checkpoints to keep")
     r.add_argument("--resume", action="store_true",
-                   help="require resuming from a checkpoint (by default a run resumes when it finds one)")
+                   help="fail unless the run resumes from a checkpoint (by default a run resumes when it finds one)")
     h = p.add_argument_group("Hugging Face Hub")
     h.add_argument("--push-to-hub", metavar="REPO", help="upload the student and the metric tables to this repo")
     h.add_argument("--hub-private", action="store_true", help="create the repo as private")
@@ -111,18 +109,47 @@ def parse_args(argv=None):
     if args.push_only:
         return args
     args.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and args.model == "resnet18")
-    check_range("--alpha", args.alpha, 0.0, 1.0)
-    if not 0 < args.width <= 16:
-        raise UsageError("--width", f"must be in (0, 16], got {args.width}")
-    for flag in ("epochs", "batch_size", "out_dim", "bottleneck_dim", "probe_epochs", "knn_k", "log_every",
-                 "checkpoint_every", "keep_checkpoints"):
-        check_range("--" + flag.replace("_", "-"), getattr(args, flag), integer_min=0 if flag in
-                    ("epochs", "log_every", "checkpoint_every") else 1)
+    if args.width > 16:
+        raise UsageError("--width", f"must be in (0, 16], got {args.width:g}")
     try:
         parse_bottleneck(args.bottleneck)
     except ValueError as err:
         raise UsageError("--bottleneck", str(err)) from None
+    check_image_size(args.dataset, args.image_size, args.model)
+    name = Path(args.dataset).name
+    args.output_dir = str(check_output_dir("--output-dir", Path(
+        args.output_dir or f"runs/distill-{name}-{args.model}-a{args.alpha:g}-s{args.seed}")))
     return args
+
+
+if __name__ == "__main__":  # torch takes seconds to import: report a bad flag before that
+    main_guard(parse_args)()
+
+# ruff: noqa: E402  (the heavy imports below follow the flag check on purpose)
+import json
+import math
+import shlex
+import signal
+import time
+from types import SimpleNamespace
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from utils.checkpoint import PreemptionSignal, list_checkpoints, load_latest_checkpoint, save_checkpoint
+from utils.cli import RunFailed
+from utils.data import (Normalizer, class_balanced_subset, epoch_batches, load_dataset, noise_inputs, rank_slice,
+                        validation_split)
+from utils.distill import DistillStep, TeacherTargets, make_optimizer
+from utils.dynamics import BatchNormStats, step_diagnostics
+from utils.hub import new_run_id, push_or_explain, write_model_card
+from utils.losses import loss_diagnostics
+from utils.models import make_teacher_student
+from utils.probing import extract_features, probe_features
+from utils.results import (MetricLog, discard_run, environment, format_table, plot_probes, probe_table, summarize,
+                           write_json, write_table)
 
 
 # Arguments that may differ between an interrupted run and its resumption; every other one must match.
@@ -142,22 +169,68 @@ def push_only(args) -> int:
     return 0 if push_or_explain(run_dir, repo, config["run_id"], args.hub_private, "train_distill.py") else 1
 
 
-def check_resumable(out: Path, args) -> dict | None:
-    """The config of the interrupted run in `out`, if it may be resumed with these arguments."""
+def read_config(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def resumable_config(out: Path, args) -> dict | None:
+    """The config of an interrupted run of these same arguments in `out`, which is then resumed; None to start
+    over. An interrupted run is resumed even with --overwrite: resuming is exact, so it ends where starting over
+    would, and a requeued `--overwrite` job must continue, not restart forever. Checks only; changes nothing."""
     if not list_checkpoints(out / "checkpoints"):
         if args.resume:
             raise UsageError("--resume", f"no checkpoint in {out / 'checkpoints'}")
         return None
-    if not (out / "config.json").exists():
-        raise UsageError("--output-dir", f"{out} has checkpoints but no config.json to check them against; "
-                                         "pass --overwrite to start over")
-    previous = json.loads((out / "config.json").read_text())
+    previous = read_config(out)
+    if previous is None:
+        if args.overwrite:
+            return None
+        raise UsageError("--output-dir", f"{out} has checkpoints but no readable config.json to check them "
+                                         "against; pass --overwrite to start over")
     changed = sorted(k for k, v in vars(args).items() if k not in RESUMABLE_CHANGES and previous.get(k) != v)
+    if changed and args.overwrite and not args.resume:
+        return None
     if changed:
         raise UsageError("--" + changed[0].replace("_", "-"),
                          f"{out} holds an interrupted run made with different arguments "
                          f"({', '.join(changed)}); pass --overwrite to start over or use another --output-dir")
     return previous
+
+
+def load_distill_data(args, accelerator) -> SimpleNamespace:
+    """uint8 tensors on the device (every batch is an index gather), the probe sets and the distillation inputs."""
+    device = accelerator.device
+    with accelerator.main_process_first():
+        data = load_dataset(args.dataset, args.image_column, args.label_column, args.train_split,
+                            args.test_split, args.revision, args.image_size, args.data_cache)
+    check_image_size(args.dataset, data.image_size, args.model, loaded=True)
+    train_idx, val_idx = validation_split(len(data.train), args.val_size, args.seed) if args.val_size else \
+        (torch.arange(len(data.train)), None)
+    probe_train = data.train.subset(train_idx).to(device)
+    evals = {"test": data.test.to(device)} | ({"val": data.train.subset(val_idx).to(device)} if args.val_size else {})
+    distill_idx = class_balanced_subset(probe_train.labels.cpu(), args.train_subset, args.seed) \
+        if args.train_subset else None
+    distill_images = probe_train.images[distill_idx.to(device)] if distill_idx is not None else probe_train.images
+    normalize = Normalizer(data.mean, data.std, device, args.channels_last)
+    n_train = len(distill_images)
+    if n_train < 2 * accelerator.num_processes or args.batch_size < 2 * accelerator.num_processes:
+        raise UsageError("--batch-size" if n_train >= 2 * accelerator.num_processes else "--train-subset",
+                         f"BatchNorm needs at least 2 images per process and batch ({accelerator.num_processes} "
+                         f"processes; {n_train} training images, batch size {args.batch_size})")
+    if args.input_noise:
+        noise = noise_inputs(n_train, data.image_size, args.seed, device)
+        inputs = lambda idx: noise[idx].contiguous(memory_format=normalize.memory_format)  # noqa: E731
+    else:
+        inputs = lambda idx: normalize(distill_images[idx])  # noqa: E731
+    return SimpleNamespace(data=data, probe_train=probe_train, evals=evals, distill_idx=distill_idx,
+                           normalize=normalize, inputs=inputs, n_train=n_train)
+
+
+def finite_parameters(net) -> bool:
+    return bool(torch.stack([p.detach().float().abs().sum() for p in net.parameters()]).sum().isfinite())
 
 
 @main_guard
@@ -168,35 +241,15 @@ def main(argv=None):
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     is_main, world, rank, device = (accelerator.is_main_process, accelerator.num_processes,
                                     accelerator.process_index, accelerator.device)
-    name = Path(args.dataset).name
-    out = Path(args.output_dir or f"runs/distill-{name}-{args.model}-a{args.alpha:g}-s{args.seed}")
+    out, name = Path(args.output_dir), Path(args.dataset).name
     if (out / "summary.json").exists() and not args.overwrite:
         accelerator.print(f"{out} already holds a finished run (summary.json); pass --overwrite to rerun it")
         return 0
-    if args.overwrite and is_main:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    accelerator.wait_for_everyone()
-    previous = None if args.overwrite else check_resumable(out, args)
+    previous = resumable_config(out, args)
     set_seed(args.seed)
-
-    # ---- data: uint8 tensors on the device; every batch is an index gather
-    with accelerator.main_process_first():
-        data = load_dataset(args.dataset, args.image_column, args.label_column, args.train_split,
-                            args.test_split, args.revision, args.image_size, args.data_cache)
-    train_idx, val_idx = validation_split(len(data.train), args.val_size, args.seed) if args.val_size else \
-        (torch.arange(len(data.train)), None)
-    probe_train = data.train.subset(train_idx).to(device)
-    evals = {"test": data.test.to(device)} | ({"val": data.train.subset(val_idx).to(device)} if args.val_size else {})
-    distill_idx = class_balanced_subset(probe_train.labels.cpu(), args.train_subset, args.seed) \
-        if args.train_subset else None
-    distill_images = probe_train.images[distill_idx.to(device)] if distill_idx is not None else probe_train.images
-    normalize = Normalizer(data.mean, data.std, device, args.channels_last)
-    n_train = len(distill_images)
-    if args.input_noise:
-        noise = noise_inputs(n_train, data.image_size, args.seed, device)
-        inputs = lambda idx: noise[idx].contiguous(memory_format=normalize.memory_format)  # noqa: E731
-    else:
-        inputs = lambda idx: normalize(distill_images[idx])  # noqa: E731
+    d = load_distill_data(args, accelerator)
+    data, probe_train, evals, normalize, inputs, n_train = (d.data, d.probe_train, d.evals, d.normalize, d.inputs,
+                                                            d.n_train)
 
     # ---- networks
     arch = dict(model=args.model, norm=args.norm, image_size=data.image_size, hidden_dims=args.hidden_dims,
@@ -216,6 +269,8 @@ def main(argv=None):
 
     # ---- resume: model, optimiser and RNG from the newest valid checkpoint; position and metrics from its
     # run state. The data order of an epoch depends only on (seed, epoch), so the run continues exactly.
+    # Starting over discards the folder's old results first, and only now: a command that failed earlier
+    # (bad data, bad flags) has changed nothing on disk, and no folder ever mixes two runs.
     log = MetricLog(out / "metrics.csv")
     position = {"epoch": 1, "batch": 0, "step": 0, "epoch_loss": 0.0, "elapsed": 0.0}
     restored = load_latest_checkpoint(accelerator, out / "checkpoints") if previous else None
@@ -226,8 +281,11 @@ def main(argv=None):
         log.rows = restored["rows"]
         accelerator.print(f"resuming {out} from {restored['checkpoint']} (epoch {position['epoch']}, "
                           f"step {position['step']})")
+    elif is_main:
+        discard_run(out)
+    accelerator.wait_for_everyone()
     run_id = previous["run_id"] if restored else new_run_id(out.name)
-    config = {**vars(args), "output_dir": str(out), "run_id": run_id, "world_size": world,
+    config = {**vars(args), "run_id": run_id, "world_size": world,
               "autocast": accelerator.mixed_precision, "dataset_meta": data.meta,  # derived keys never
               "num_classes": data.num_classes, "data_image_size": data.image_size,  # shadow an argument
               "mean": data.mean, "std": data.std,
@@ -258,7 +316,7 @@ def main(argv=None):
     # never changes), so each step runs only its last layer. The teacher and the pixels are probed once.
     started = time.time() - position["elapsed"]
     use_cache = not args.no_teacher_cache
-    shared_pass = use_cache and distill_idx is None and not args.input_noise and not restored
+    shared_pass = use_cache and d.distill_idx is None and not args.input_noise and not restored
     emb_dim = teacher.embed_dim
     teacher_train = feats(lambda x: torch.cat([e := teacher.encoder(x), teacher.head.trunk(e)], 1),
                           probe_train.images) if shared_pass else None  # one teacher pass serves both
@@ -284,7 +342,21 @@ def main(argv=None):
                                                                          teacher.parameters()))
         return math.sqrt(float(sq))
 
+    def stop_if_diverged(finite: bool, what: str, epoch: int, step: int) -> None:
+        """A non-finite loss or parameter ends the run: no student, summary or card; the checkpoints saved
+        before it are kept. Every process decides on the same all-reduced or replicated values."""
+        if finite:
+            return
+        if is_main:
+            log.flush()
+        kept = list_checkpoints(out / "checkpoints")
+        raise RunFailed(f"the run diverged: non-finite {what} at epoch {epoch}, step {step}; no student, summary or "
+                        f"model card was written, " + (f"the last good checkpoint {kept[0]} is kept" if kept else
+                                                       "there was no checkpoint yet") +
+                        " (lower --lr, check --teacher-temp / --student-temp, or try --mixed-precision no)")
+
     def checkpoint(epoch: int, batch: int, step: int, epoch_loss: float) -> None:
+        stop_if_diverged(finite_parameters(raw_student), "parameters", epoch, step)  # never checkpoint NaNs
         state = {"epoch": epoch, "batch": batch, "step": step, "epoch_loss": epoch_loss, "rows": log.rows,
                  "elapsed": time.time() - started, "run_id": run_id}
         save_checkpoint(accelerator, out / "checkpoints", step, state, args.keep_checkpoints)
@@ -314,53 +386,64 @@ def main(argv=None):
                 if logging:
                     diag = loss_diagnostics(s_logits, t_logits, args.teacher_temp, args.student_temp)
                     diag["embedding_norm"] = embedding.float().norm(dim=1).sum()
+                    diag["epoch_loss"] = epoch_loss  # a NaN at any earlier step stays in this sum
                     sums = accelerator.reduce(torch.stack(list(diag.values())) / len(batch), reduction="sum")
-                    values = {f"train/{k}": v for k, v in zip(diag, sums.tolist())}
+                    values = {f"train/{k}": v for k, v in zip(diag, sums.tolist()) if k != "epoch_loss"}
                     values["train/param_distance"] = param_distance()
                     values |= step_diagnostics(raw_student, optimizer, distill_step.grad_sq, args.log_dynamics)
                     values |= bn_stats.read() if bn_stats else {}
                     log.log(epoch, step, values)
+                    stop_if_diverged(bool(sums.isfinite().all()), "loss", epoch, step)
                     bar.set_postfix(ce=f"{values['train/ce']:.6g}", dist=f"{values['train/param_distance']:.3g}")
                 stop = preempt.received is not None
                 if world > 1:  # every process must agree; a tiny all-reduce every 10 steps
                     stop = step % 10 == 0 and bool(accelerator.reduce(torch.tensor(float(stop), device=device)) > 0)
                 if stop:
                     checkpoint(epoch, b + 1, step, epoch_loss.item())
-                    accelerator.print(f"\n{preempt.received or 'signal'} received: checkpoint saved in {out / 'checkpoints'}"
-                                      f" at step {step}; rerun the same command to resume")
+                    accelerator.print(f"\n{preempt.received or 'signal'} received: checkpoint saved in "
+                                      f"{out / 'checkpoints'} at step {step}; rerun the same command to resume (its "
+                                      f"arguments: {shlex.join(sys.argv[1:] if argv is None else argv)})")
                     return 128 + getattr(signal, preempt.received or "SIGTERM")
-            log.log(epoch, step, {"train/loss": accelerator.reduce(epoch_loss, reduction="sum").item()
-                                           / sum(len(b) for b in batches)})
+            mean_loss = accelerator.reduce(epoch_loss, reduction="sum").item() / sum(len(b) for b in batches)
+            log.log(epoch, step, {"train/loss": mean_loss})
+            stop_if_diverged(math.isfinite(mean_loss), "loss", epoch, step)
             if epoch == args.epochs or (args.probe_every and epoch % args.probe_every == 0):
                 probe_student(epoch, step)
             if args.checkpoint_every and epoch % args.checkpoint_every == 0 and epoch < args.epochs:
                 checkpoint(epoch + 1, 0, step, 0.0)
+        stop_if_diverged(finite_parameters(raw_student), "parameters", args.epochs, step)
     finally:  # also on errors: an in-process caller gets its signal handlers back
         bar.close()
         preempt.restore()
-
-    # ---- results (main process only)
-    summary = summarize(log.frame())
-    table = probe_table(summary)
-    if is_main:
-        log.flush()
-        config |= {"steps": step, "wall_time_s": round(time.time() - started, 1)}
-        write_json(out / "config.json", config)
-        raw_student.save_pretrained(out / "student")
-        write_model_card(out / "student", config, table)
-        write_table(out / "probe_table.csv", table.reset_index())
-        plot_probes(log.frame(), out / "probe_accuracy.png",
-                    f"{args.model} on {name}, alpha={args.alpha:g}, {step} steps")
-        write_json(out / "summary.json", {"probes": summary, "steps": step, "epochs": args.epochs,
-                                          "run_id": run_id, "wall_time_s": config["wall_time_s"]})
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: student/ and the tables hold it all
-        print(f"\nProbe accuracy (%) after {step} steps, {config['wall_time_s']:.0f} s -> {out}")
-        print(format_table(table))
-    pushed = not (args.push_to_hub and is_main) or push_or_explain(out, args.push_to_hub, run_id, args.hub_private,
-                                                                   "train_distill.py")
+    pushed = write_results(args, out, config, log, raw_student, step, started, is_main, run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0 if pushed else 1
+
+
+def write_results(args, out: Path, config: dict, log, raw_student, step: int, started: float, is_main: bool,
+                  run_id: str) -> bool:
+    """The finished run's student, card, tables and figure (main process), then the optional push. summary.json
+    is written last among the results: it marks the folder as holding a finished run."""
+    if not is_main:
+        return True
+    summary = summarize(log.frame())
+    table = probe_table(summary)
+    log.flush()
+    config |= {"steps": step, "wall_time_s": round(time.time() - started, 1)}
+    write_json(out / "config.json", config)
+    raw_student.save_pretrained(out / "student")
+    write_model_card(out / "student", config, table)
+    write_table(out / "probe_table.csv", table.reset_index())
+    plot_probes(log.frame(), out / "probe_accuracy.png",
+                f"{args.model} on {Path(args.dataset).name}, alpha={args.alpha:g}, {step} steps")
+    write_json(out / "summary.json", {"probes": summary, "steps": step, "epochs": args.epochs,
+                                      "run_id": run_id, "wall_time_s": config["wall_time_s"]})
+    discard_run(out, only=("checkpoints",))  # finished: student/ and the tables hold it all
+    print(f"\nProbe accuracy (%) after {step} steps, {config['wall_time_s']:.0f} s -> {out}")
+    print(format_table(table))
+    return not args.push_to_hub or push_or_explain(out, args.push_to_hub, run_id, args.hub_private,
+                                                   "train_distill.py")
 
 
 if __name__ == "__main__":

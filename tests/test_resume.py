@@ -296,10 +296,10 @@ def test_changed_identity_argument_refuses_to_resume(tiny_dataset, tmp_path, cap
     assert (out / "config.json").read_bytes() == config
 
 
-def test_overwrite_starts_fresh(reference, tiny_dataset, tmp_path, capsys):
+def test_overwrite_discards_an_interrupted_run_of_other_arguments(reference, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "run"
     args = argv(FLAT, tiny_dataset, out)
-    interrupt(args, 6)
+    interrupt(args + ["--lr", "0.002"], 6)
     old_id = json.loads((out / "config.json").read_text())["run_id"]
     capsys.readouterr()
     seen = {}
@@ -309,6 +309,26 @@ def test_overwrite_starts_fresh(reference, tiny_dataset, tmp_path, capsys):
     assert "resuming" not in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["run_id"] != old_id
     assert steps(out) == []  # a finished run removes its checkpoints: student/ and the tables hold it all
+    assert_same_run(reference("flat"), out)
+
+
+def test_interrupted_overwrite_resumes_with_the_printed_command(reference, tiny_dataset, tmp_path, capsys):
+    """--overwrite over a finished run, stopped by SIGTERM: the folder holds only the new run, and rerunning the
+    same command (--overwrite included, as a requeued Slurm job does) resumes it to the uninterrupted result."""
+    out = tmp_path / "run"
+    args = argv(FLAT, tiny_dataset, out) + ["--overwrite"]
+    assert run_to_end(argv(FLAT, tiny_dataset, out, "--lr", "0.002")) == TOTAL  # an older, different finished run
+    (out / "probes" / "digits").mkdir(parents=True)  # and a probe.py result of that old student
+    capsys.readouterr()
+    interrupt(args, 6)
+    message = capsys.readouterr().out
+    assert "rerun the same command to resume" in message and "--overwrite" in message
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["checkpoints", "config.json", "metrics.csv"], left  # nothing of the old run is mixed in
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.001
+    with Steps() as s:
+        assert train_distill.main(args) == 0
+    assert s.calls == TOTAL - 6 and "resuming" in capsys.readouterr().out
     assert_same_run(reference("flat"), out)
 
 

@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import socket
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,6 +19,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from utils.choices import BUILT_IN
 from utils.cli import UsageError
 from utils.results import atomic_path
 
@@ -43,7 +46,6 @@ REGISTRY = {  # SPEC §4
     "digits": DatasetSpec(None, None, None, image_size=32),
     "photos": DatasetSpec(None, None, None, image_size=32),
 }
-BUILT_IN = ("digits", "photos")
 
 
 @dataclass
@@ -257,6 +259,8 @@ def _open_split(source: str, split: str, revision: str | None, split_flag: str):
             raise UsageError(split_flag, f"{source}: {err}") from None
         raise
     except (ConnectionError, OSError) as err:  # offline / unreachable / not found
+        if path.exists() and isinstance(err, FileNotFoundError):  # datasets' "no data files", e.g. empty folder
+            raise UsageError("--dataset", f"{source}: {str(err).splitlines()[0][:200]}") from None
         if path.exists():
             raise
         raise UsageError("--dataset", f"{source!r} could not be loaded ({type(err).__name__}: "
@@ -290,7 +294,10 @@ def _decode(ds, image_column: str, label_column: str, image_size: int | None, ch
     ds = ds.with_format("numpy")
     images, labels = [], []
     for start in range(0, len(ds), chunk):
-        batch = ds[start:start + chunk]
+        try:
+            batch = ds[start:start + chunk]
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for a truncated or non-image file
+            raise UsageError("--dataset", _unreadable_image(ds, image_column, start, chunk, err)) from None
         arrays = list(batch[image_column]) if not isinstance(batch[image_column], np.ndarray) or \
             batch[image_column].dtype == object else batch[image_column]
         size = image_size or (arrays[0].shape[0] if not images else images[0].shape[-1])
@@ -302,10 +309,26 @@ def _decode(ds, image_column: str, label_column: str, image_size: int | None, ch
     return torch.cat(images), np.concatenate(labels)
 
 
+def _unreadable_image(ds, image_column: str, start: int, chunk: int, err: Exception) -> str:
+    """Name the first image of a failed chunk that does not decode (its file, where the dataset knows it)."""
+    import datasets
+
+    raw = ds.cast_column(image_column, datasets.Image(decode=False)).with_format(None)
+    for i in range(start, min(start + chunk, len(ds))):
+        try:
+            ds[i]
+        except (OSError, ValueError, SyntaxError) as row_err:
+            where = raw[i][image_column].get("path") or f"row {i} of the split"
+            return f"image {where} cannot be decoded ({type(row_err).__name__}: {row_err}); fix or remove it"
+    return f"images {start}-{start + chunk} cannot be decoded ({type(err).__name__}: {err})"
+
+
 def _load_split_uncached(source, split, split_flag, image_column, label_column, revision, image_size):
     import datasets
 
     ds = _open_split(source, split, revision, split_flag)
+    if len(ds) == 0:
+        raise UsageError(split_flag, f"split {split!r} of {source} holds no images")
     image_column = _pick_column(ds, image_column, "--image-column", "image")
     label_column = _pick_column(ds, label_column, "--label-column", "label")
     feature = ds.features[label_column]
@@ -349,20 +372,38 @@ def load_dataset(name: str, image_column=None, label_column=None, train_split=No
     for flag, split in splits.items():
         key = hashlib.sha1(json.dumps([key_source, split, image_column, label_column, image_size]).encode())
         path = cache / f"{Path(source).name}-{split}-{key.hexdigest()[:16]}.pt"
-        if path.exists():
-            loaded[flag] = torch.load(path, weights_only=False)
+        loaded[flag] = _read_cache(path)
+        if loaded[flag] is not None:
             continue
         images, labels, names = _load_split_uncached(source, split, flag, image_column, label_column, revision,
                                                      image_size)
         loaded[flag] = {"images": images, "labels": labels, "names": names}
-        with atomic_path(path) as tmp:
-            torch.save(loaded[flag], tmp)
+        with atomic_path(path) as tmp:  # labels as a tensor or a list: loadable with weights_only=True
+            torch.save({"images": images, "names": names, "labels": torch.from_numpy(labels) if labels.dtype.kind
+                        in "iub" else labels.tolist()}, tmp)
     train, test = loaded["--train-split"], loaded["--test-split"]
     train_labels, test_labels, names = _encode_labels(train["labels"], test["labels"], train["names"])
     train_split_, test_split_ = Split(train["images"], train_labels), Split(test["images"], test_labels)
     num_classes = len(names) if names else int(max(train_split_.labels.max(), test_split_.labels.max())) + 1
     meta = {"source": source, "revision": revision, "splits": list(splits.values()), "class_names": names}
     return _finish(name, train_split_, test_split_, num_classes, meta)
+
+
+def _read_cache(path: Path) -> dict | None:
+    """A decoded split from the cache, or None (absent, or unreadable: then it is rebuilt, with a warning).
+    weights_only=True: a cache file planted on a shared cluster cannot run code when it is loaded."""
+    if not path.exists():
+        return None
+    try:
+        with warnings.catch_warnings():  # torch's own notes on an odd pickle: the one line below says it all
+            warnings.simplefilter("ignore")
+            cached = torch.load(path, weights_only=True)
+        labels = cached["labels"]
+        return cached | {"labels": labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)}
+    except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
+        print(f"warning: ignoring the unreadable dataset cache {path} ({type(err).__name__}); decoding again",
+                      file=sys.stderr)
+        return None
 
 
 def _finish(name, train: Split, test: Split, num_classes: int, meta: dict) -> ImageDataset:

@@ -2,7 +2,9 @@
 the Hub (`hub_commit`). Tests replace `hub_api` to check what would be uploaded without a network."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import json
 import secrets
 import tempfile
@@ -35,26 +37,45 @@ def resolve_student(ref: str, flag: str = "--student", revision: str | None = No
     `ref` may be a run folder (holding student/ and config.json), a save_pretrained folder (config.json +
     model.safetensors) or a Hub model id. Weights are always loaded with strict=True, so a folder whose
     weights do not match its config fails loudly. With HF_HUB_OFFLINE=1 a Hub id loads from the local cache.
+    Every way a reference can fail to load is one UsageError naming `flag` and the file.
     """
-    path = Path(ref)
+    path = Path(ref).expanduser()
     run_config = None
     if (path / "student" / "config.json").exists():
-        if (path / "config.json").exists():
-            run_config = json.loads((path / "config.json").read_text())
+        run_config = read_run_config(path, flag)
         path = path / "student"
+    elif (path / "checkpoints").is_dir() or (path / "metrics.csv").exists():
+        raise UsageError(flag, f"{ref} is a run folder whose run has not finished (no student/ yet); rerun its "
+                               "train_distill.py command to finish it, then probe it")
     elif path.exists() and not (path / "config.json").exists():
         raise UsageError(flag, f"{ref} is neither a run folder (with student/) nor a save_pretrained folder")
     elif not path.exists() and (ref.startswith((".", "/", "~")) or ref.count("/") != 1):
         raise UsageError(flag, f"no such folder {ref!r} (and not a Hub id of the form owner/name)")
+    if path.exists():
+        if not (path / "model.safetensors").exists():
+            raise UsageError(flag, f"{path} has no model.safetensors: not a save_pretrained folder of a student")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub prints "Loading weights from ..."
+                net = DistillationNetwork.from_pretrained(str(path))
+        except Exception as err:  # noqa: BLE001 - a local folder that does not load is truncated or corrupt
+            raise UsageError(flag, f"{path} does not load as a student ({type(err).__name__}: "
+                                   f"{' '.join(str(err).split())[:300]}); its files are truncated, corrupt or do "
+                                   "not match its config.json") from None
+        return net.eval(), run_config
     try:
-        net = DistillationNetwork.from_pretrained(str(path) if path.exists() else ref, revision=revision)
+        net = DistillationNetwork.from_pretrained(ref, revision=revision)
     except (OSError, ValueError) as err:
-        if path.exists():
-            raise  # a local folder that does not load is corrupt: show the real error
         raise UsageError(flag, f"could not load {ref!r} from the Hub ({type(err).__name__}: "
                                f"{str(err).splitlines()[0][:200]}); check the id, or download it on a machine "
                                "with internet and run with HF_HUB_OFFLINE=1") from None
     return net.eval(), run_config
+
+
+def read_run_config(run_dir: Path, flag: str) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(flag, f"{run_dir}/config.json cannot be read ({type(err).__name__}: {err})") from None
 
 
 # ---------------------------------------------------------------------------------------- model card

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("ce", "kl", "mse")
+from utils.choices import LOSSES
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "ce",

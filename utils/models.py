@@ -13,10 +13,8 @@ import torchvision
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-ENCODERS = ("resnet18", "vgg11", "flatten")
-NORMS = ("batch", "group", "layer", "instance", "none")
-DEFAULT_NORM = {"resnet18": "batch", "vgg11": "none", "flatten": "none"}
-BOTTLENECK_PRESETS = {"default": "-/lb/fn/wn/l/-", "paper": "-/lb/fn/wn/l/-", "official": "-/lb/fn/-/l/-"}
+from utils.choices import BOTTLENECK_PRESETS, DEFAULT_NORM, ENCODERS, NORMS, parse_bottleneck  # noqa: F401
+
 VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")  # torchvision config "A"
 PAPER_URL = "https://arxiv.org/abs/2302.12091"
 
@@ -97,23 +95,6 @@ def reset_encoder(encoder: nn.Module, generator: torch.Generator) -> None:
 
 
 # ------------------------------------------------------------------------------------------- bottleneck
-def parse_bottleneck(spec: str) -> tuple[str, ...]:
-    """Validate a six-slot `wn1/lin1/fn1/wn2/lin2/fn2` string (or a preset name) and return its slots."""
-    spec = BOTTLENECK_PRESETS.get(spec, spec)
-    slots = tuple(spec.split("/"))
-    allowed = ({"wn", "-"}, {"l", "lb", "-"}, {"fn", "-"}) * 2
-    if len(slots) != 6 or any(s not in ok for s, ok in zip(slots, allowed)):
-        raise ValueError(
-            f"bad bottleneck {spec!r}: expected six slots wn/lin/fn/wn/lin/fn with wn in (wn,-), lin in "
-            f"(l,lb,-), fn in (fn,-), or a preset ({', '.join(BOTTLENECK_PRESETS)})")
-    for wn, lin in (slots[0:2], slots[3:5]):
-        if wn == "wn" and lin == "-":
-            raise ValueError(f"bad bottleneck {spec!r}: a 'wn' slot needs its linear layer")
-    if slots[1] == "-" and slots[4] == "-":
-        raise ValueError(f"bad bottleneck {spec!r}: at least one linear layer is needed")
-    return slots
-
-
 class L2Normalize(nn.Module):
     def forward(self, x):
         return F.normalize(x, dim=-1)

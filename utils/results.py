@@ -5,6 +5,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -40,9 +41,27 @@ def write_json(path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_table(path, df: pd.DataFrame) -> None:
+def write_table(path, df: pd.DataFrame, **to_csv) -> None:
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        df.to_csv(tmp, index=False, **to_csv)
+
+
+# What a run folder holds, in the order a discarded run loses it: summary.json (the "finished" mark) first,
+# config.json (what checkpoints are checked against) last, so a crash mid-way leaves nothing that looks whole.
+RUN_CONTENTS = ("summary.json", "student", "probe_table.csv", "probe_accuracy.png", "probes", "metrics.csv",
+                "checkpoints", "config.json")
+
+
+def discard_run(folder: Path, only: tuple[str, ...] = RUN_CONTENTS) -> None:
+    """Delete a run's own files and folders from `folder` (never anything else the folder holds)."""
+    for name in RUN_CONTENTS:
+        path = Path(folder) / name
+        if name not in only or not os.path.lexists(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def environment() -> dict:
@@ -74,7 +93,7 @@ class MetricLog:
         return pd.DataFrame(self.rows, columns=["epoch", "step", "metric", "value"])
 
     def flush(self) -> None:
-        write_table(self.path, self.frame())
+        write_table(self.path, self.frame(), na_rep="nan")  # a non-finite value is written, never a blank cell
 
 
 def summarize(df: pd.DataFrame) -> dict:

@@ -139,6 +139,17 @@ def test_help_shows_defaults_and_one_group_per_concern():
             assert "the run's value, else 10" in " ".join(text.split())
 
 
+def test_a_read_only_output_dir_is_refused_before_any_data_is_read(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """Tests run as root, for whom permission bits do not stop a write: the write probe itself is replaced."""
+    out = fake_finished_run(tmp_path / "run")
+    before = snapshot(out)
+    monkeypatch.setattr(utils.cli, "writable", lambda folder: False)
+    monkeypatch.setattr(train_distill, "load_dataset", lambda *a, **k: pytest.fail("data was read"))
+    line = assert_one_line_error(train_distill.main, RUN + ["--dataset", str(tiny_dataset), "--output-dir",
+                                                            str(out / "sub"), "--overwrite"], "--output-dir", capsys)
+    assert "not writable" in line and snapshot(out) == before
+
+
 # ------------------------------------------------------------------------------ 2. bad input: probe.py
 @pytest.fixture(scope="module")
 def finished_run(tiny_dataset, tmp_path_factory) -> Path:

@@ -90,7 +90,7 @@ def load_latest_checkpoint(accelerator, folder: Path) -> dict | None:
         if problem is None:
             try:
                 accelerator.load_state(str(path))
-                return torch.load(path / RUN_STATE, weights_only=False) | {"checkpoint": str(path)}
+                return torch.load(path / RUN_STATE, weights_only=True) | {"checkpoint": str(path)}
             except Exception as err:  # noqa: BLE001 - any load failure means: try the previous one
                 problem = f"loading failed ({type(err).__name__}: {err})"
         warnings.warn(f"skipping checkpoint {path}: {problem}; trying the previous one", stacklevel=2)

@@ -123,7 +123,7 @@ def fraction(text: str) -> float:
 def add_data_args(p: argparse.ArgumentParser, default_dataset: str | None = "digits", inherited: bool = False):
     """The dataset flags; returns the group so a script adds its own data flags to it. `inherited`: the defaults
     come from the run being probed (probe.py), so the help says so."""
-    run = "the run's value, else " if inherited else ""
+    run = "the run's value on its own dataset, else " if inherited else ""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=default_dataset,
                    help=("the run's dataset, else required. " if inherited else "") +
@@ -156,7 +156,7 @@ def add_probe_args(p: argparse.ArgumentParser, inherited: bool = False):
     def add(flag, text, **kwargs):
         default = PROBE_DEFAULTS[flag[2:].replace("-", "_")]
         if inherited:
-            shown = {False: "off", True: "on"}.get(default, default)
+            shown = {False: "off", True: "on"}[default] if isinstance(default, bool) else default
             kwargs |= {"default": None, "help": f"{text} (default: the run's value, else {shown})"}
         g.add_argument(flag, **({"default": default, "help": text} | kwargs))
 

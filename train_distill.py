@@ -229,6 +229,15 @@ def load_distill_data(args, accelerator) -> SimpleNamespace:
                            normalize=normalize, inputs=inputs, n_train=n_train)
 
 
+def own_share(epoch_loss, rank: int, world: int) -> float:
+    """This process's partial loss sum from a checkpoint: one per process, or (older checkpoints, or another
+    number of processes) the whole sum on process 0."""
+    if isinstance(epoch_loss, list) and len(epoch_loss) == world:
+        return epoch_loss[rank]
+    total = sum(epoch_loss) if isinstance(epoch_loss, list) else epoch_loss
+    return total if rank == 0 else 0.0
+
+
 def finite_parameters(net) -> bool:
     return bool(torch.stack([p.detach().float().abs().sum() for p in net.parameters()]).sum().isfinite())
 
@@ -355,9 +364,11 @@ def main(argv=None):
                                                        "there was no checkpoint yet") +
                         " (lower --lr, check --teacher-temp / --student-temp, or try --mixed-precision no)")
 
-    def checkpoint(epoch: int, batch: int, step: int, epoch_loss: float) -> None:
+    def checkpoint(epoch: int, batch: int, step: int, epoch_loss: torch.Tensor) -> None:
         stop_if_diverged(finite_parameters(raw_student), "parameters", epoch, step)  # never checkpoint NaNs
-        state = {"epoch": epoch, "batch": batch, "step": step, "epoch_loss": epoch_loss, "rows": log.rows,
+        # each process's own partial loss sum of the epoch, so a mid-epoch resume logs the exact epoch loss
+        losses = accelerator.gather(epoch_loss.reshape(1)).tolist()
+        state = {"epoch": epoch, "batch": batch, "step": step, "epoch_loss": losses, "rows": log.rows,
                  "elapsed": time.time() - started, "run_id": run_id}
         save_checkpoint(accelerator, out / "checkpoints", step, state, args.keep_checkpoints)
 
@@ -372,7 +383,8 @@ def main(argv=None):
             student.train()
             batches = [b.to(device) for b in epoch_batches(n_train, args.batch_size, args.seed, epoch, world)]
             first = position["batch"] if epoch == position["epoch"] else 0
-            epoch_loss = torch.tensor(position["epoch_loss"] if epoch == position["epoch"] else 0.0, device=device)
+            epoch_loss = torch.tensor(own_share(position["epoch_loss"], rank, world) if epoch == position["epoch"]
+                                      else 0.0, device=device)
             for b in range(first, len(batches)):
                 batch = batches[b]
                 logging = bool(args.log_every) and ((step + 1) % args.log_every == 0 or b == len(batches) - 1)
@@ -399,7 +411,7 @@ def main(argv=None):
                 if world > 1:  # every process must agree; a tiny all-reduce every 10 steps
                     stop = step % 10 == 0 and bool(accelerator.reduce(torch.tensor(float(stop), device=device)) > 0)
                 if stop:
-                    checkpoint(epoch, b + 1, step, epoch_loss.item())
+                    checkpoint(epoch, b + 1, step, epoch_loss)
                     accelerator.print(f"\n{preempt.received or 'signal'} received: checkpoint saved in "
                                       f"{out / 'checkpoints'} at step {step}; rerun the same command to resume (its "
                                       f"arguments: {shlex.join(sys.argv[1:] if argv is None else argv)})")
@@ -410,7 +422,7 @@ def main(argv=None):
             if epoch == args.epochs or (args.probe_every and epoch % args.probe_every == 0):
                 probe_student(epoch, step)
             if args.checkpoint_every and epoch % args.checkpoint_every == 0 and epoch < args.epochs:
-                checkpoint(epoch + 1, 0, step, 0.0)
+                checkpoint(epoch + 1, 0, step, torch.zeros((), device=device))
         stop_if_diverged(finite_parameters(raw_student), "parameters", args.epochs, step)
     finally:  # also on errors: an in-process caller gets its signal handlers back
         bar.close()

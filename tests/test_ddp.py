@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # vgg11 has no BatchNorm by default: per-process BN statistics legitimately differ from the global batch's on CPU
 # (SyncBatchNorm needs a GPU). alpha = 1: genuine, not round-off-sized, gradients. 150 class-balanced images in
 # global batches of 61: 61, 61, 28 per epoch, so the per-rank shares are uneven (31/30) and the last batch is short.
-# (--train-subset 200 is impossible on the 256-image fixture: class 2 has only 18 train images there.)
-N_IMAGES, BATCH, EPOCHS = 150, 61, 2
+# (--train-subset 200 is impossible on the 256-image fixture: class 2 has only 18 train images there.) 4 epochs =
+# 12 steps: past step 10, where the processes agree on stopping after a signal (they check every 10 steps).
+N_IMAGES, BATCH, EPOCHS = 150, 61, 4
 ARGS = TINY_NET + ["--alpha", "1", "--train-subset", str(N_IMAGES), "--batch-size", str(BATCH), "--epochs",
                    str(EPOCHS), "--probe-every", "0", "--probe-epochs", "2", "--log-every", "1"]
 
@@ -73,12 +74,41 @@ SITECUSTOMIZE = textwrap.dedent('''
 ''')
 
 
-def launch(cmd, dataset: Path, out: Path, tmp: Path, extra_env=None):
+# Sends rank 0 (only) SIGTERM right after its SIGTERM_AFTER-th training step, as a pre-empted node would receive
+# it: the processes must agree to stop, checkpoint together and exit; patched in once utils.distill is imported.
+SIGTERM_HOOK = textwrap.dedent('''
+    import builtins, os, signal, sys
+    _import, _state = builtins.__import__, {"calls": 0, "patched": False}
+
+    def _hooked_import(*args, **kwargs):
+        module = _import(*args, **kwargs)
+        step = getattr(sys.modules.get("utils.distill"), "DistillStep", None)  # once fully imported
+        if not _state["patched"] and step is not None:
+            _state["patched"] = True
+            original = step.__call__
+
+            def call(self, *a, **k):
+                result = original(self, *a, **k)
+                _state["calls"] += 1
+                if _state["calls"] == int(os.environ["SIGTERM_AFTER"]) and os.environ.get("RANK") == "0":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return result
+
+            step.__call__ = call
+        return module
+
+    builtins.__import__ = _hooked_import
+''')
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_distill.py"]
+
+
+def launch(cmd, dataset: Path, out: Path, tmp: Path, extra_env=None, expect_ok=True):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "RANDOM_TEACHERS_CACHE": str(tmp / "cache"), **(extra_env or {})}
     proc = subprocess.run(cmd + ARGS + ["--dataset", str(dataset), "--output-dir", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    if expect_ok:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
@@ -93,8 +123,7 @@ def runs(tiny_dataset, tmp_path_factory):
     launch([sys.executable, "train_distill.py"], tiny_dataset, single, tmp)
     pythonpath = os.pathsep.join([str(hook)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     # `python -m torch.distributed.run` is the `torchrun` entry point, pinned to this interpreter
-    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_distill.py"],
-           tiny_dataset, ddp, tmp,
+    launch(TORCHRUN, tiny_dataset, ddp, tmp,
            {"PYTHONPATH": pythonpath, "RT_WATCH_DIR": str(ddp), "RT_WRITE_LOG_DIR": str(logs)})
     return single, ddp, logs
 
@@ -169,3 +198,21 @@ def test_only_rank_0_writes_the_run_folder(runs):
     assert {"student", "student/config.json"} <= written
     assert (ddp / "student" / "model.safetensors").is_file()  # written by safetensors' Rust code: not hookable
     assert not list(ddp.glob("**/.*.tmp"))
+
+
+def test_two_processes_stopped_by_sigterm_resume_to_the_uninterrupted_result(runs, tiny_dataset, tmp_path):
+    _, reference, _ = runs
+    out, hook = tmp_path / "run", tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGTERM_HOOK)
+    stopped = launch(TORCHRUN, tiny_dataset, out, tmp_path, {"PYTHONPATH": str(hook), "SIGTERM_AFTER": "3"},
+                     expect_ok=False)
+    assert stopped.returncode != 0 and "SIGTERM received" in stopped.stdout, stopped.stdout[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000000010"]  # both agreed at step 10
+    assert not (out / "summary.json").exists()
+    resumed = launch(TORCHRUN, tiny_dataset, out, tmp_path)
+    assert "resuming" in resumed.stdout
+    wa, wb = (load_file(str(d / "student" / "model.safetensors")) for d in (reference, out))
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "the resumed 2-process run differs from the uninterrupted one"
+    assert (out / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()

@@ -139,6 +139,15 @@ def hub_api():
     return HfApi()
 
 
+def hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
+    """A local copy of the files of a Hub repo that match `patterns` (through the same seam as uploads)."""
+    try:
+        return Path(hub_api().snapshot_download(repo_id=repo_id, allow_patterns=patterns))
+    except Exception as err:  # noqa: BLE001 - offline, missing repo, no access: one line, not a traceback
+        raise UsageError("--hub", f"could not read {repo_id!r} ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200]})") from None
+
+
 def hub_commit(repo_id: str, files: dict[str, Path], message: str, private: bool = False,
                repo_type: str = "model", retries: int = 4) -> str:
     """Every Hub write goes through here: create the repo if needed, then ONE commit adding `files`

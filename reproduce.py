@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Reproduce a table or figure of the paper with one command: run its grid, see its status, aggregate its report.
+
+    python reproduce.py run fig4 --tiny            # the digits version, one point after another, on this machine
+    python reproduce.py run table1 --slurm         # submit the grid as a Slurm job array (one task per point)
+    python reproduce.py status fig4 --tiny
+    python reproduce.py report fig4 --tiny         # runs/reproduce/fig4-tiny/report.{md,csv,png}
+
+Grids live in accelerate_configs/experiments/<name>.yaml. Every point is a train_distill.py run folder with a
+stable name: finished points are skipped, interrupted ones resume from their checkpoints, failed ones rerun.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from utils.cli import ArgumentParser, UsageError, count, main_guard
+from utils.grids import (available, commands, finished, gpu_hours, load_grid, points, read_config, run_dir,
+                         same_arguments, shell)
+
+ROOT = Path(__file__).resolve().parent  # the scripts it runs live here
+SLURM_SCRIPT = "accelerate_configs/slurm/reproduce_array.sbatch"
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       epilog=f"Grids: {', '.join(available())}. Exit status: 0 every selected point finished, 1 some "
+                              "failed (rerun to retry them), 2 bad input.")
+    p.add_argument("verb", choices=("run", "status", "report"))
+    p.add_argument("grid", help="the table or figure (a file name in accelerate_configs/experiments/)")
+    p.add_argument("--tiny", action="store_true", help="the grid's small digits version (runs on 2 CPU cores)")
+    p.add_argument("--runs", default="runs/reproduce", help="where the grids' run folders live")
+    p.add_argument("--point", type=count(0), help="only this point (0-based; a Slurm array task id)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands (and the derived GPU-hours), run nothing")
+    p.add_argument("--slurm", action="store_true", help=f"submit the grid as a Slurm job array ({SLURM_SCRIPT})")
+    p.add_argument("--launcher", default=None,
+                   help="what runs each script instead of this Python, e.g. 'accelerate launch --num_processes 8'")
+    p.add_argument("--hub", metavar="REPO", help="report: read the runs pushed to this Hub repo instead of --runs")
+    return p.parse_args(argv)
+
+
+def call_forwarding_signals(cmd: list[str]) -> int:
+    """Run one point's command; SIGTERM / SIGUSR1 (Slurm's) are passed on, so it checkpoints before stopping."""
+    child = subprocess.Popen(cmd, cwd=ROOT)
+    previous = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(args, spec, pts) -> int:
+    if args.slurm:
+        submit = ["sbatch", f"--array=0-{len(pts) - 1}", SLURM_SCRIPT, args.grid, *(["--tiny"] if args.tiny else []),
+                  "--runs", args.runs]
+        print(shell(submit))
+        return 0 if args.dry_run else subprocess.call(submit)
+    launcher = args.launcher.split() if args.launcher else None
+    failed = []
+    for point in pts:
+        folder = run_dir(Path(args.runs), spec, point)
+        cmds = commands(point, folder if args.dry_run else folder.resolve(), launcher)
+        if args.dry_run:
+            print(f"# point {point.index}: {point.name} (derived: {gpu_hours(point):.2f} GPU-h)")
+            print("\n".join(shell(["python", *c[1:]] if c[0] == sys.executable else c) for c in cmds))
+            continue
+        if finished(point, folder):
+            print(f"[{point.index + 1}/{len(pts)}] {point.name}: finished, skipped")
+            continue
+        if (folder / "summary.json").exists() and not same_arguments(point, read_config(folder)):
+            print(f"[{point.index + 1}/{len(pts)}] {point.name}: {folder} holds a finished run of other arguments "
+                  "(the grid file changed?); delete it to rerun the point")
+            failed.append(point.name)
+            continue
+        print(f"[{point.index + 1}/{len(pts)}] {point.name}", flush=True)
+        for cmd in cmds:
+            status = call_forwarding_signals(cmd)
+            if status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1):  # checkpointed: stop, resume on rerun
+                print(f"{point.name} stopped after a checkpoint; rerun the same command to resume")
+                return status
+            if status != 0:
+                failed.append(point.name)
+                break
+    if args.dry_run:
+        print(f"# total: {len(pts)} points, {sum(map(gpu_hours, pts)):.1f} GPU-hours derived from FLOP counts at "
+              "77 TFLOP/s (A100-class; not measured)")
+        return 0
+    if failed:
+        print(f"{len(failed)} point(s) failed: {', '.join(failed)}; rerun the same command to retry them")
+    return 1 if failed else 0
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    spec = load_grid(args.grid, args.tiny)
+    pts = points(spec)
+    if args.point is not None:
+        if args.point >= len(pts):
+            raise UsageError("--point", f"{args.grid} has {len(pts)} points (0-{len(pts) - 1}), got {args.point}")
+        pts = [pts[args.point]]
+    if args.verb == "run":
+        return run(args, spec, pts)
+    if args.verb == "status":
+        done = [p for p in pts if finished(p, run_dir(Path(args.runs), spec, p))]
+        for p in pts:
+            state = "finished" if p in done else (
+                "interrupted" if (run_dir(Path(args.runs), spec, p) / "checkpoints").is_dir() else "to do")
+            print(f"{p.index:4d}  {state:11s}  {p.name}")
+        print(f"{len(done)}/{len(pts)} finished")
+        return 0
+    from utils.aggregate import collect, collect_curves, report  # pandas + matplotlib: only for reports
+
+    hub_folder = None
+    if args.hub:
+        from utils.hub import hub_snapshot
+
+        hub_folder = hub_snapshot(args.hub, ["runs/*/config.json", "runs/*/summary.json"])
+    frame = collect(spec, pts, Path(args.runs), hub_folder)
+    if frame.empty:
+        raise UsageError("grid", f"no finished point of {spec['name']} in {args.hub or args.runs}; run it first")
+    curves = collect_curves(spec, pts, Path(args.runs)) if spec["report"]["kind"] == "curve" else None
+    md = report(spec, frame, Path(args.runs) / spec["name"], curves)
+    print(md.read_text())
+    print(f"-> {md.parent}/report.{{md,csv,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -118,8 +118,9 @@ def test_slurm_array_task_id_maps_to_the_same_point_as_dry_run(mini, capsys):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_slurm_scripts_are_shellcheck_clean():
-    done = subprocess.run(["shellcheck", str(ROOT / reproduce.SLURM_SCRIPT)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout
+    for script in (ROOT / "accelerate_configs" / "slurm").glob("*.sbatch"):
+        done = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout
 
 
 def test_bad_grid_and_point_are_one_line_errors(mini, capsys):

@@ -132,7 +132,7 @@ def report(spec: dict, df: pd.DataFrame, out: Path, curves: pd.DataFrame | None 
     md = out / "report.md"
     md.write_text(f"# {cfg.get('title', spec['name'])}\n\n{markdown_table(table)}\n\n"
                   f"{len(df.point.unique()) if len(df) else 0} finished points; mean ± std over seeds "
-                  f"({probe} probe, best epoch{'; transfers: final' if kind == 'transfer' else ''}).\n")
+                  f"({probe} probe, " + {"curve": "per epoch", "transfer": "after transfer"}.get(kind, "best epoch") + ").\n")
     return md
 
 

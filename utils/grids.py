@@ -52,6 +52,8 @@ def load_grid(name: str, tiny: bool = False) -> dict:
                        "grid": spec.get("grid", {}) | small.get("grid", {}),
                        "probe_on": small.get("probe_on", spec.get("probe_on", [])),
                        "report": spec["report"] | small.get("report", {})}
+        # the full grid's dataset and model do not apply: keep the title's first part
+        spec["report"]["title"] = spec["report"].get("title", name).split(" (")[0] + " [--tiny CPU proxy]"
     spec["name"] = name + ("-tiny" if tiny else "")
     spec["folder"] = spec.get("runs_of", name) + ("-tiny" if tiny else "")  # grids can share runs (Tables 1, 3)
     return spec

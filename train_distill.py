@@ -176,6 +176,10 @@ def read_config(out: Path) -> dict | None:
         return None
 
 
+def changed_arguments(previous: dict, args) -> list[str]:
+    return sorted(k for k, v in vars(args).items() if k not in RESUMABLE_CHANGES and previous.get(k) != v)
+
+
 def resumable_config(out: Path, args) -> dict | None:
     """The config of an interrupted run of these same arguments in `out`, which is then resumed; None to start
     over. An interrupted run is resumed even with --overwrite: resuming is exact, so it ends where starting over
@@ -190,7 +194,7 @@ def resumable_config(out: Path, args) -> dict | None:
             return None
         raise UsageError("--output-dir", f"{out} has checkpoints but no readable config.json to check them "
                                          "against; pass --overwrite to start over")
-    changed = sorted(k for k, v in vars(args).items() if k not in RESUMABLE_CHANGES and previous.get(k) != v)
+    changed = changed_arguments(previous, args)
     if changed and args.overwrite and not args.resume:
         return None
     if changed:
@@ -252,6 +256,12 @@ def main(argv=None):
                                     accelerator.process_index, accelerator.device)
     out, name = Path(args.output_dir), Path(args.dataset).name
     if (out / "summary.json").exists() and not args.overwrite:
+        previous = read_config(out)
+        changed = changed_arguments(previous, args) if previous else []
+        if changed:
+            raise UsageError("--" + changed[0].replace("_", "-"),
+                             f"{out} holds a finished run made with different arguments ({', '.join(changed)}); "
+                             "pass --overwrite to replace it or use another --output-dir")
         accelerator.print(f"{out} already holds a finished run (summary.json); pass --overwrite to rerun it")
         return 0
     previous = resumable_config(out, args)

@@ -198,6 +198,14 @@ def test_probe_bad_input(case, finished_run, bad_data, tmp_path, capsys, monkeyp
         assert str(truncated) in line
 
 
+def test_a_finished_run_is_not_reported_done_for_other_arguments(finished_run, tiny_dataset, capsys):
+    before = snapshot(finished_run)
+    same = RUN + ["--dataset", str(tiny_dataset), "--output-dir", str(finished_run)]
+    assert train_distill.main(same) == 0 and "already holds a finished run" in capsys.readouterr().out
+    line = assert_one_line_error(train_distill.main, same + ["--lr", "0.002"], "--lr", capsys)
+    assert "--overwrite" in line and snapshot(finished_run) == before
+
+
 # ----------------------------------------------------------------------------------- 3. divergence stops
 def test_a_diverged_run_stops_with_exit_3_and_writes_no_student(tiny_dataset, tmp_path, capsys, monkeypatch):
     """A NaN appears in the student's weights after step 6 (epoch 2 of 3, after the epoch-1 checkpoint)."""

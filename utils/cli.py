@@ -119,6 +119,15 @@ def fraction(text: str) -> float:
     return _number(float, 0.0, 1.0)(text)
 
 
+def check_range(flag: str, value, low=None, high=None, integer_min=None):
+    """For values whose bounds are known only at run time (e.g. the size of the loaded dataset)."""
+    if low is not None and high is not None and not low <= value <= high:
+        raise UsageError(flag, f"must be in [{low}, {high}], got {value}")
+    if integer_min is not None and value < integer_min:
+        raise UsageError(flag, f"must be >= {integer_min}, got {value}")
+    return value
+
+
 # ------------------------------------------------------------------------------------- shared flag groups
 def add_data_args(p: argparse.ArgumentParser, default_dataset: str | None = "digits", inherited: bool = False):
     """The dataset flags; returns the group so a script adds its own data flags to it. `inherited`: the defaults

@@ -19,17 +19,15 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from accelerate import Accelerator
 
 from utils.checkpoint import PreemptionSignal
 from utils.cli import ArgumentParser, UsageError, add_data_args, check_range, main_guard
-from utils.data import Normalizer, load_dataset
 from utils.hub import new_run_id
 from utils.hub_tables import push_tables
 from utils.pruning import SCOPES, full_masks, load_masks, prune_round, save_masks, sparsity_report
-from utils.results import atomic_path, environment, markdown_table, write_json, write_table
-from utils.supervised import (STARTS, Classifier, SupervisedTrainer, add_recipe_args, dataset_of, exit_code,
-                              load_state_file, load_student, recipe_from_args, save_state_file, start_encoder)
+from utils.results import atomic_path, markdown_table, write_json, write_table
+from utils.supervised import (STARTS, Classifier, add_recipe_args, exit_code, load_state_file, recipe_from_args,
+                              save_state_file, setup_run, start_encoder)
 
 OUTPUTS = ("imp_table.csv", "imp_summary.csv", "imp.png")
 
@@ -232,26 +230,8 @@ def main(argv=None):
         print(markdown_table(summary.set_index("start")))
         return 0 if not args.push_to_hub or push_tables(out, OUTPUTS, args.push_to_hub, new_run_id(out.name), "imp",
                                                         args.hub_private, "imp.py") else 1
-    student, run_config = load_student(args.student, args.student_revision)
-    dataset = dataset_of(args, run_config)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    with accelerator.main_process_first():
-        data = load_dataset(dataset, args.image_column, args.label_column, args.train_split, args.test_split,
-                            args.revision, args.image_size, args.data_cache)
-    name = Path(dataset).name
-    out = out or Path(f"runs/imp-{name}-{student.arch['model']}")
-    run_id = new_run_id(out.name)
-    if accelerator.is_main_process:  # one config per invocation: Slurm jobs share the folder
-        write_json(out / "configs" / f"{run_id}.json",
-                   {**{k: v for k, v in vars(args).items() if k != "recipe"}, "dataset": dataset, "run_id": run_id,
-                    "student_config": student.config(), "num_classes": data.num_classes,
-                    "world_size": accelerator.num_processes, "environment": environment()})
-
-    # One prepared model + optimiser for every round: each round loads its start state into them.
-    shape = Classifier(student.encoder, student.embed_dim, data.num_classes, args.head_seed)
-    trainer = SupervisedTrainer(accelerator, shape, args.recipe, data, Normalizer(data.mean, data.std,
-                                accelerator.device), args.eval_batch_size, args.eval_every, args.checkpoint_every,
-                                args.keep_checkpoints)
+    student, data, trainer, out, run_id = setup_run(args, "imp")
+    name = Path(data.name).name
     preempt = PreemptionSignal()
     try:
         for seed in args.seeds:
@@ -265,7 +245,7 @@ def main(argv=None):
     finally:
         preempt.restore()
 
-    if not accelerator.is_main_process:
+    if not trainer.accelerator.is_main_process:
         return 0
     summary = report(out, f"IMP on {name}: {student.arch['model']} (width {student.arch['width']:g}), "
                           f"{args.epochs} epochs/round, prune {args.prune_fraction:g}/round ({args.prune_scope})")

@@ -21,17 +21,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from accelerate import Accelerator
 
 from utils.checkpoint import PreemptionSignal
 from utils.cli import ArgumentParser, UsageError, add_data_args, check_range, main_guard
-from utils.data import Normalizer, load_dataset
 from utils.hub import new_run_id
 from utils.hub_tables import push_tables
 from utils.lmc import BN_MODES, barriers, error_along_path
-from utils.results import atomic_path, environment, markdown_table, write_json, write_table
-from utils.supervised import (STARTS, Classifier, SupervisedTrainer, add_recipe_args, dataset_of, exit_code,
-                              load_state_file, load_student, recipe_from_args, save_state_file, start_encoder)
+from utils.results import atomic_path, markdown_table, write_json, write_table
+from utils.supervised import (STARTS, Classifier, add_recipe_args, exit_code, load_state_file, recipe_from_args,
+                              save_state_file, setup_run, start_encoder)
 
 OUTPUTS = ("lmc_table.csv", "lmc_curves.csv", "lmc_summary.csv", "lmc.png")
 LABELS = {"student": "start: student θ_S*", "init": "start: initialisation θ_S", "checkpoint": "start: checkpoint"}
@@ -154,25 +152,9 @@ def main(argv=None):
         print(markdown_table(summarize(table).set_index("start")))
         return 0 if not args.push_to_hub or push_tables(out, OUTPUTS, args.push_to_hub, new_run_id(out.name), "lmc",
                                                         args.hub_private, "lmc.py") else 1
-    student, run_config = load_student(args.student, args.student_revision)
-    dataset = dataset_of(args, run_config)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    with accelerator.main_process_first():
-        data = load_dataset(dataset, args.image_column, args.label_column, args.train_split, args.test_split,
-                            args.revision, args.image_size, args.data_cache)
+    student, data, trainer, out, run_id = setup_run(args, "lmc")
     check_range("--bn-subset", args.bn_subset, 1, len(data.train))
-    name = Path(dataset).name
-    out = out or Path(f"runs/lmc-{name}-{student.arch['model']}")
-    run_id = new_run_id(out.name)
-    if accelerator.is_main_process:
-        write_json(out / "configs" / f"{run_id}.json",
-                   {**{k: v for k, v in vars(args).items() if k != "recipe"}, "dataset": dataset, "run_id": run_id,
-                    "student_config": student.config(), "world_size": accelerator.num_processes,
-                    "environment": environment()})
-    normalize = Normalizer(data.mean, data.std, accelerator.device)
-    shape = Classifier(student.encoder, student.embed_dim, data.num_classes, args.head_seed)
-    trainer = SupervisedTrainer(accelerator, shape, args.recipe, data, normalize, args.eval_batch_size,
-                                args.eval_every, args.checkpoint_every, args.keep_checkpoints)
+    name, accelerator, normalize = Path(data.name).name, trainer.accelerator, trainer.normalize
 
     # ---- K copies per start
     preempt = PreemptionSignal()

@@ -192,7 +192,7 @@ def test_sigterm_mid_round_then_rerun_is_bit_identical(reference, tiny_dataset, 
 ])
 def test_bad_input_is_one_line_naming_the_flag_before_any_data(extra, flag, reference, monkeypatch, capsys):
     student, _ = reference
-    monkeypatch.setattr(imp_script, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the checks"))
+    monkeypatch.setattr("utils.data.load_dataset", lambda *a, **k: pytest.fail("data loaded before the checks"))
     with pytest.raises(SystemExit) as exit_info:
         imp_script.main([str(student) if a == "S" else a for a in extra])
     err = capsys.readouterr().err.strip().splitlines()

@@ -301,3 +301,33 @@ def dataset_of(args, run_config) -> str:
     if dataset is None:
         raise UsageError("--dataset", "required when --student is not a train_distill.py run folder")
     return dataset
+
+
+def setup_run(args, kind: str):
+    """What imp.py and lmc.py both build from their flags: the --student, the dataset (uint8 tensors on the
+    device), the run folder with a per-invocation config (parallel Slurm jobs share the folder), and one
+    SupervisedTrainer. Returns (student, data, trainer, out, run_id)."""
+    from accelerate import Accelerator
+
+    from utils.data import Normalizer, load_dataset
+    from utils.hub import new_run_id
+    from utils.results import environment, write_json
+
+    student, run_config = load_student(args.student, args.student_revision)
+    dataset = dataset_of(args, run_config)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    with accelerator.main_process_first():
+        data = load_dataset(dataset, args.image_column, args.label_column, args.train_split, args.test_split,
+                            args.revision, args.image_size, args.data_cache)
+    out = Path(args.output_dir or f"runs/{kind}-{Path(dataset).name}-{student.arch['model']}")
+    run_id = new_run_id(out.name)
+    if accelerator.is_main_process:
+        write_json(out / "configs" / f"{run_id}.json",
+                   {**{k: v for k, v in vars(args).items() if k != "recipe"}, "dataset": dataset, "run_id": run_id,
+                    "student_config": student.config(), "num_classes": data.num_classes,
+                    "world_size": accelerator.num_processes, "environment": environment()})
+    shape = Classifier(student.encoder, student.embed_dim, data.num_classes, args.head_seed)  # states load into it
+    trainer = SupervisedTrainer(accelerator, shape, args.recipe, data, Normalizer(data.mean, data.std,
+                                accelerator.device), args.eval_batch_size, args.eval_every, args.checkpoint_every,
+                                args.keep_checkpoints)
+    return student, data, trainer, out, run_id

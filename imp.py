@@ -21,22 +21,20 @@ from pathlib import Path
 import pandas as pd
 
 from utils.checkpoint import PreemptionSignal
-from utils.cli import ArgumentParser, UsageError, add_data_args, check_range, main_guard
+from utils.cli import ArgumentParser, UsageError, check_range, main_guard
 from utils.hub import new_run_id
 from utils.hub_tables import push_tables
 from utils.pruning import SCOPES, full_masks, load_masks, prune_round, save_masks, sparsity_report
 from utils.results import atomic_path, markdown_table, write_json, write_table
-from utils.supervised import (STARTS, Classifier, add_recipe_args, exit_code, load_state_file, recipe_from_args,
-                              save_state_file, setup_run, start_encoder)
+from utils.supervised import (STARTS, Classifier, add_recipe_args, add_student_args, exit_code, load_state_file,
+                              recipe_from_args, save_state_file, setup_run, start_encoder)
 
 OUTPUTS = ("imp_table.csv", "imp_summary.csv", "imp.png")
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@")
-    p.add_argument("--student", help="train_distill.py run folder, save_pretrained folder or Hub model id")
-    p.add_argument("--student-revision", help="Hub revision of the student")
-    add_data_args(p, default_dataset=None)
+    add_student_args(p)
     i = p.add_argument_group("IMP (SPEC §5)")
     i.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS),
                    help="student: theta_S*, rewound to l = 0; init: theta_S, rewound to each --rewind-epochs")

@@ -23,13 +23,13 @@ import pandas as pd
 import torch
 
 from utils.checkpoint import PreemptionSignal
-from utils.cli import ArgumentParser, UsageError, add_data_args, check_range, main_guard
+from utils.cli import ArgumentParser, UsageError, check_range, main_guard
 from utils.hub import new_run_id
 from utils.hub_tables import push_tables
 from utils.lmc import BN_MODES, barriers, error_along_path
 from utils.results import atomic_path, markdown_table, write_json, write_table
-from utils.supervised import (STARTS, Classifier, add_recipe_args, exit_code, load_state_file, recipe_from_args,
-                              save_state_file, setup_run, start_encoder)
+from utils.supervised import (STARTS, Classifier, add_recipe_args, add_student_args, exit_code, load_state_file,
+                              recipe_from_args, save_state_file, setup_run, start_encoder)
 
 OUTPUTS = ("lmc_table.csv", "lmc_curves.csv", "lmc_summary.csv", "lmc.png")
 LABELS = {"student": "start: student θ_S*", "init": "start: initialisation θ_S", "checkpoint": "start: checkpoint"}
@@ -37,9 +37,7 @@ LABELS = {"student": "start: student θ_S*", "init": "start: initialisation θ_S
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@")
-    p.add_argument("--student", help="train_distill.py run folder, save_pretrained folder or Hub model id")
-    p.add_argument("--student-revision", help="Hub revision of the student")
-    add_data_args(p, default_dataset=None)
+    add_student_args(p)
     m = p.add_argument_group("mode connectivity (SPEC §6)")
     m.add_argument("--starts", nargs="+", choices=STARTS + ("checkpoint",), default=list(STARTS),
                    help="the starts to compare, side by side in the figure")

@@ -111,8 +111,8 @@ def test_lmc_end_to_end_writes_tables_and_figure(tiny_dataset, tmp_path, capsys)
                                         (["--student", "/no/such/student"], "--student")])
 def test_bad_input_is_one_line_naming_the_flag(extra, flag, monkeypatch, capsys):
     monkeypatch.setattr("utils.data.load_dataset", lambda *a, **k: pytest.fail("data loaded before the checks"))
-    monkeypatch.setattr("utils.supervised.load_student", lambda *a, **k: pytest.fail("student loaded before the checks")) \
-        if flag != "--student" else None
+    if flag != "--student":
+        monkeypatch.setattr("utils.supervised.load_student", lambda *a, **k: pytest.fail("student loaded first"))
     with pytest.raises(SystemExit) as exit_info:
         lmc.main(["--student", "S", *extra])
     err = capsys.readouterr().err.strip().splitlines()

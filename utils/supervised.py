@@ -46,6 +46,15 @@ class Recipe:
         return self.lr * self.lr_decay ** sum(epoch > m for m in self.lr_milestones)
 
 
+def add_student_args(p) -> None:
+    """The starting point and the data: --student (the existing loader's three forms) and the data flags."""
+    from utils.cli import add_data_args
+
+    p.add_argument("--student", help="train_distill.py run folder, save_pretrained folder or Hub model id")
+    p.add_argument("--student-revision", help="Hub revision of the student")
+    add_data_args(p, default_dataset=None)
+
+
 def add_recipe_args(p) -> None:
     g = p.add_argument_group("supervised SGD recipe (SPEC §5; defaults are the paper's)")
     g.add_argument("--epochs", type=int, default=160)

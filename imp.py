@@ -185,6 +185,7 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     blues = plt.get_cmap("Blues")
@@ -197,6 +198,8 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> None:
             ax.plot(arm.weights_remaining, mean, "o-", ms=3, color=color, label=label(start, rewind))
             ax.fill_between(arm.weights_remaining, mean - std, mean + std, color=color, alpha=0.2, lw=0)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.invert_xaxis()  # sparser to the right, as in the paper
         ax.set(xlabel="weights remaining (%)", title=f"{metric} test accuracy")
         ax.grid(alpha=0.3, which="both")
@@ -209,13 +212,25 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def report(out: Path, title: str) -> pd.DataFrame:
+def title_of(out: Path) -> str:
+    """The figure title, from the newest invocation's config in out/configs."""
+    configs = sorted((out / "configs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    if not configs:
+        return f"IMP, {out.name}"
+    c = pd.read_json(configs[-1], typ="series")
+    return (f"IMP on {Path(c['dataset']).name}: {c['student_config']['model']} (width "
+            f"{c['student_config']['width']:g}), {c['epochs']} epochs/round, prune {c['prune_fraction']:g}/round "
+            f"({c['prune_scope']})")
+
+
+def report(out: Path) -> pd.DataFrame:
+    """imp_table.csv, imp_summary.csv and imp.png from every round finished under `out`."""
     table = collect_table(out)
     summary = summarize(table)
     write_table(out / "imp_table.csv", table)
     write_table(out / "imp_summary.csv", summary)
     if len(summary):
-        plot(summary, out / "imp.png", title)
+        plot(summary, out / "imp.png", title_of(out))
     return summary
 
 
@@ -224,12 +239,11 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir) if args.output_dir else None
     if args.report_only:
-        summary = report(out, f"IMP, {out.name}")
+        summary = report(out)
         print(markdown_table(summary.set_index("start")))
         return 0 if not args.push_to_hub or push_tables(out, OUTPUTS, args.push_to_hub, new_run_id(out.name), "imp",
                                                         args.hub_private, "imp.py") else 1
     student, data, trainer, out, run_id = setup_run(args, "imp")
-    name = Path(data.name).name
     preempt = PreemptionSignal()
     try:
         for seed in args.seeds:
@@ -245,8 +259,7 @@ def main(argv=None):
 
     if not trainer.accelerator.is_main_process:
         return 0
-    summary = report(out, f"IMP on {name}: {student.arch['model']} (width {student.arch['width']:g}), "
-                          f"{args.epochs} epochs/round, prune {args.prune_fraction:g}/round ({args.prune_scope})")
+    summary = report(out)
     print(f"\nIMP test accuracy (%), mean over seeds -> {out}")
     print(markdown_table(summary.set_index("start")))
     if args.push_to_hub and not push_tables(out, OUTPUTS, args.push_to_hub, run_id, "imp", args.hub_private,

@@ -1,6 +1,7 @@
 """IMP (imp.py, utils/pruning.py) and the shared supervised recipe (utils/supervised.py): exact pruning counts,
 smallest-magnitude choice, shrinking masks, pruned weights that stay exactly 0, bit-exact rewinding, a real
 SIGTERM mid-round with a bitwise identical rerun, and one-line errors for bad input."""
+import importlib.util
 import json
 import os
 import signal
@@ -12,13 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
-import imp as imp_script  # noqa: F401 - the project's imp.py (tests/ puts the repo root first on sys.path)
 from supervised_helpers import TINY_RECIPE, NoSignal, save_tiny_student, tiny_classifier, tiny_trainer
 from utils.pruning import apply_masks, full_masks, kept, prune_round, prunable_names, scope_size
 from utils.supervised import Recipe, SupervisedTrainer, crop_and_flip, epoch_augmentation
 
 ROOT = Path(__file__).resolve().parents[1]
-assert Path(imp_script.__file__).resolve() == ROOT / "imp.py", "the stdlib's deprecated `imp` shadowed imp.py"
+# Loaded by path: on Python < 3.12 `import imp` may give the standard library's deprecated module instead.
+_spec = importlib.util.spec_from_file_location("imp_script", ROOT / "imp.py")
+imp_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(imp_script)
 
 
 # ------------------------------------------------------------------------------------------ pruning maths

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from utils.checkpoint import PreemptionSignal
 from utils.cli import ArgumentParser, UsageError, check_range, main_guard
@@ -175,7 +176,8 @@ def main(argv=None):
     seeds = list(range(args.data_seed, args.data_seed + args.copies))
     for start, states in finals.items():
         for (i, a), (j, b) in itertools.combinations(zip(seeds, states), 2):
-            errors = error_along_path(probe, a, b, gammas, trainer.evaluate, args.bn, bn_images, normalize,
+            points = tqdm(gammas, desc=f"{start} pair {i}-{j}", leave=False, disable=not accelerator.is_main_process)
+            errors = error_along_path(probe, a, b, points, trainer.evaluate, args.bn, bn_images, normalize,
                                       args.bn_batch_size)
             curve_rows += [{"start": start, "copy_i": i, "copy_j": j, "gamma": g, "error": e}
                            for g, e in zip(gammas, errors)]

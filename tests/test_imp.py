@@ -183,6 +183,9 @@ def test_sigterm_mid_round_then_rerun_is_bit_identical(reference, tiny_dataset, 
     for path in want:
         assert all(torch.equal(got[path][k], v) for k, v in want[path].items()), path
     pd.testing.assert_frame_equal(pd.read_csv(out / "imp_table.csv"), pd.read_csv(ref_out / "imp_table.csv"))
+    resumed = out / "seed-0" / "student-l0" / "round-2"
+    masks = torch.load(resumed / "mask.pt")
+    assert all((got[str((resumed / "final.pt").relative_to(out))][n][~m] == 0).all() for n, m in masks.items())
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -213,3 +216,23 @@ def test_a_student_that_does_not_load_is_one_line_in_a_real_process(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(lines) == 1 and "--student" in lines[0] and "does not load" in lines[0], lines
+
+
+def test_push_to_hub_sends_the_tables_and_figure_through_the_single_seam(reference, monkeypatch, capsys):
+    _, out = reference
+    commits = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def create_commit(self, repo_id, operations, commit_message, repo_type):
+            commits.append((repo_id, sorted(op.path_in_repo for op in operations)))
+            return "https://hub/commit/1"
+
+    monkeypatch.setattr("utils.hub.hub_api", lambda: FakeApi())
+    assert imp_script.main(["--report-only", "--output-dir", str(out), "--push-to-hub", "me/imp"]) == 0
+    (repo, paths), = commits
+    names = {p.split("/", 2)[2] for p in paths}
+    assert repo == "me/imp" and all(p.startswith("imp/") for p in paths)
+    assert names == {"imp_table.csv", "imp_table.parquet", "imp_summary.csv", "imp_summary.parquet", "imp.png"}

@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""Iterative magnitude pruning with rewinding: are distilled students lottery tickets? (paper §6, Fig. 9)
+
+    accelerate launch imp.py --student runs/distill-cifar10-resnet18-a1e-10-s0 --seeds 0 1 2 3 4
+    python imp.py --student runs/digits-student --epochs 4 --lr-milestones 2 3 --rounds 3   # CPU-sized
+
+Two starts from one --student (run folder, save_pretrained folder or Hub id): `student` = the distilled
+encoder theta_S* (rewound to itself, l = 0) and `init` = its initialisation theta_S, whose dense run saves
+rewind points at epochs l in --rewind-epochs (one dense run per seed serves every l). Each start gets a fresh
+linear classifier and the SPEC §5 SGD recipe. Round 0 trains densely; round r prunes --prune-fraction of the
+remaining weights (globally, by magnitude, from round r-1's final weights), rewinds the survivors to the
+rewind point and retrains to the end. Finished rounds are skipped and an interrupted one resumes.
+Writes imp_table.csv (one row per seed x start x rewind x round), imp_summary.csv and imp.png to --output-dir.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from utils.checkpoint import PreemptionSignal
+from utils.cli import ArgumentParser, UsageError, check_range, main_guard
+from utils.hub import new_run_id
+from utils.hub_tables import push_tables
+from utils.pruning import SCOPES, full_masks, load_masks, prune_round, save_masks, sparsity_report
+from utils.results import atomic_path, markdown_table, write_json, write_table
+from utils.supervised import (STARTS, Classifier, add_recipe_args, add_student_args, exit_code, load_state_file,
+                              recipe_from_args, save_state_file, setup_run, start_encoder)
+
+OUTPUTS = ("imp_table.csv", "imp_summary.csv", "imp.png")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@")
+    add_student_args(p)
+    i = p.add_argument_group("IMP (SPEC §5)")
+    i.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS),
+                   help="student: theta_S*, rewound to l = 0; init: theta_S, rewound to each --rewind-epochs")
+    i.add_argument("--rewind-epochs", type=int, nargs="+", default=[0, 1, 2, 5],
+                   help="rewind points (epochs of the dense run) of the init start")
+    i.add_argument("--rounds", type=int, default=15, help="pruning rounds after the dense round 0")
+    i.add_argument("--prune-fraction", type=float, default=0.2, help="fraction of the remaining weights per round")
+    i.add_argument("--prune-scope", choices=SCOPES, default="weights",
+                   help="weights: conv and linear weights (default, OpenLTH); all: every parameter (official code)")
+    i.add_argument("--no-rewind-optimizer", action="store_true",
+                   help="fresh SGD momentum at the rewind point (OpenLTH) instead of the saved one (official code)")
+    i.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one IMP run per seed: data order and augmentation, and the classifier (--head-seed + seed)")
+    i.add_argument("--dense-only", action="store_true",
+                   help="only the dense round 0 and its rewind points (e.g. a Slurm job the pruning jobs wait for)")
+    add_recipe_args(p)
+    r = p.add_argument_group("run")
+    r.add_argument("--output-dir", help="default: runs/imp-<dataset>-<model>")
+    r.add_argument("--report-only", action="store_true",
+                   help="no training: rebuild the table and figure from the rounds finished in --output-dir")
+    r.add_argument("--push-to-hub", metavar="REPO", help="upload the tables and the figure to imp/<id>/ in REPO")
+    r.add_argument("--hub-private", action="store_true")
+    args = p.parse_args(argv)
+    args.recipe = recipe_from_args(args)
+    if not 0 < args.prune_fraction < 1:
+        raise UsageError("--prune-fraction", f"must be in (0, 1), got {args.prune_fraction}")
+    check_range("--rounds", args.rounds, integer_min=0)
+    for epoch in args.rewind_epochs:
+        if not 0 <= epoch < args.epochs:
+            raise UsageError("--rewind-epochs", f"rewind epoch {epoch} is beyond the run: must be in "
+                                                f"[0, --epochs - 1 = {args.epochs - 1}]")
+    if args.report_only and not args.output_dir:
+        raise UsageError("--output-dir", "name the IMP folder to report on")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ the rounds
+def rewind_points(start: str, args) -> list[int]:
+    return [0] if start == "student" else sorted(set(args.rewind_epochs))
+
+
+def finish_round(trainer, folder: Path, result: dict, row: dict) -> None:
+    """Final weights (the next round's magnitudes), then result.json (the done marker), then drop checkpoints."""
+    if trainer.accelerator.is_main_process:
+        save_state_file(folder / "final.pt", {"model": trainer.state()["model"]})
+        write_json(folder / "result.json", {**row, **result})
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def dense_round(trainer, student, args, seed: int, start: str, base: Path, preempt) -> bool:
+    """Round 0: the dense supervised run from the start, saving its rewind points. False if interrupted."""
+    folder, acc = base / "round-0", trainer.accelerator
+    if (folder / "result.json").exists():
+        return True
+    trainer.masks = None
+    initial = Classifier(start_encoder(student, start), student.embed_dim, trainer.num_classes, args.head_seed + seed)
+    trainer.load_state({"model": initial.state_dict()}, optimizer=False)
+    wanted = rewind_points(start, args)
+
+    def save_rewind(epoch: int) -> None:
+        path = folder / "rewind" / f"epoch-{epoch}.pt"
+        if epoch in wanted and acc.is_main_process and not path.exists():
+            save_state_file(path, trainer.state(), epoch=epoch)
+        acc.wait_for_everyone()
+
+    save_rewind(0)
+    result = trainer.train(folder, seed, 0, preempt, f"seed {seed} {start} dense", on_epoch_end=save_rewind)
+    if result is None:
+        return False
+    finish_round(trainer, folder, result, {"round": 0, "density": 1.0, "start": start, "rewind_epoch": None,
+                                           "seed": seed})
+    return True
+
+
+def pruned_rounds(trainer, args, seed: int, start: str, rewind: int, base: Path, preempt) -> bool:
+    """Rounds 1..R of one (start, rewind epoch) arm. False if interrupted."""
+    arm = base.parent / f"{start}-l{rewind}"
+    rewind_file = base / "round-0" / "rewind" / f"epoch-{rewind}.pt"
+    if not rewind_file.exists():
+        raise UsageError("--rewind-epochs", f"the dense run in {base / 'round-0'} saved no rewind point at epoch "
+                                            f"{rewind}; rerun it with this --rewind-epochs in a fresh --output-dir")
+    previous, masks = base / "round-0", full_masks(trainer.raw, args.prune_scope)
+    for r in range(1, args.rounds + 1):
+        folder = arm / f"round-{r}"
+        if (folder / "mask.pt").exists():  # masks come from the previous round's final weights: fixed once made
+            masks = load_masks(folder / "mask.pt", trainer.accelerator.device)
+        else:
+            trainer.raw.load_state_dict(load_state_file(previous / "final.pt")["model"])
+            masks = prune_round(trainer.raw, masks, args.prune_fraction, r)
+            if trainer.accelerator.is_main_process:
+                save_masks(folder / "mask.pt", masks)
+                write_json(folder / "sparsity.json", sparsity_report(masks))
+            trainer.accelerator.wait_for_everyone()
+        previous = folder
+        if (folder / "result.json").exists():
+            continue
+        trainer.masks = masks
+        trainer.load_state(load_state_file(rewind_file), optimizer=not args.no_rewind_optimizer)
+        result = trainer.train(folder, seed, rewind, preempt, f"seed {seed} {start} l={rewind} round {r}")
+        if result is None:
+            return False
+        finish_round(trainer, folder, result, {"round": r, "density": sparsity_report(masks)["density"],
+                                               "start": start, "rewind_epoch": rewind, "seed": seed})
+    return True
+
+
+# ------------------------------------------------------------------------------------------- reporting
+def collect_table(out: Path) -> pd.DataFrame:
+    """Every finished round under `out`; the shared dense round 0 of a start appears once per rewind arm."""
+    rows = []
+    for seed_dir in sorted(out.glob("seed-*")):
+        for arm in sorted(p for p in seed_dir.iterdir() if p.is_dir() and "-l" in p.name):
+            start, rewind = arm.name.rsplit("-l", 1)
+            results = [seed_dir / start / "round-0" / "result.json"] + sorted(arm.glob("round-*/result.json"))
+            for path in results:
+                if path.exists():
+                    rows.append({**pd.read_json(path, typ="series").to_dict(), "rewind_epoch": int(rewind)})
+    columns = ["seed", "start", "rewind_epoch", "round", "weights_remaining", "sparsity", "best_accuracy",
+               "final_accuracy", "best_epoch"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    df = pd.DataFrame(rows).rename(columns={"best": "best_accuracy", "final": "final_accuracy"})
+    df["weights_remaining"] = df.density
+    df["sparsity"] = 1 - df.density
+    return df[columns].sort_values(["start", "rewind_epoch", "seed", "round"]).reset_index(drop=True)
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds per (start, rewind epoch, round), accuracies in %."""
+    g = table.groupby(["start", "rewind_epoch", "round"])
+    out = g.agg(weights_remaining=("weights_remaining", "mean"), seeds=("seed", "count"),
+                best_mean=("best_accuracy", "mean"), best_std=("best_accuracy", "std"),
+                final_mean=("final_accuracy", "mean"), final_std=("final_accuracy", "std"))
+    out[["best_mean", "best_std", "final_mean", "final_std"]] *= 100
+    out["weights_remaining"] *= 100
+    return out.reset_index()
+
+
+def label(start: str, rewind: int) -> str:
+    return f"student θ_S*, rewind l={rewind}" if start == "student" else f"init θ_S, rewind l={rewind}"
+
+
+def plot(summary: pd.DataFrame, path: Path, title: str) -> None:
+    """Fig. 9: test accuracy vs % of weights remaining (log axis), one line per start / rewind point, mean and
+    a ± std band over seeds; best-over-epochs (what the paper plots) and final accuracy side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    blues = plt.get_cmap("Blues")
+    for ax, metric in zip(axes, ("best", "final")):
+        arms = summary.groupby(["start", "rewind_epoch"])
+        for k, ((start, rewind), arm) in enumerate(arms):
+            arm = arm.sort_values("round")
+            color = "C3" if start == "student" else blues(0.4 + 0.6 * k / max(len(arms) - 1, 1))
+            mean, std = arm[f"{metric}_mean"], arm[f"{metric}_std"].fillna(0)
+            ax.plot(arm.weights_remaining, mean, "o-", ms=3, color=color, label=label(start, rewind))
+            ax.fill_between(arm.weights_remaining, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.invert_xaxis()  # sparser to the right, as in the paper
+        ax.set(xlabel="weights remaining (%)", title=f"{metric} test accuracy")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def title_of(out: Path) -> str:
+    """The figure title, from the newest invocation's config in out/configs."""
+    configs = sorted((out / "configs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    if not configs:
+        return f"IMP, {out.name}"
+    c = pd.read_json(configs[-1], typ="series")
+    return (f"IMP on {Path(c['dataset']).name}: {c['student_config']['model']} (width "
+            f"{c['student_config']['width']:g}), {c['epochs']} epochs/round, prune {c['prune_fraction']:g}/round "
+            f"({c['prune_scope']})")
+
+
+def report(out: Path) -> pd.DataFrame:
+    """imp_table.csv, imp_summary.csv and imp.png from every round finished under `out`."""
+    table = collect_table(out)
+    summary = summarize(table)
+    write_table(out / "imp_table.csv", table)
+    write_table(out / "imp_summary.csv", summary)
+    if len(summary):
+        plot(summary, out / "imp.png", title_of(out))
+    return summary
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output_dir) if args.output_dir else None
+    if args.report_only:
+        summary = report(out)
+        print(markdown_table(summary.set_index("start")))
+        return 0 if not args.push_to_hub or push_tables(out, OUTPUTS, args.push_to_hub, new_run_id(out.name), "imp",
+                                                        args.hub_private, "imp.py") else 1
+    student, data, trainer, out, run_id = setup_run(args, "imp")
+    preempt = PreemptionSignal()
+    try:
+        for seed in args.seeds:
+            for start in args.starts:
+                base = out / f"seed-{seed}" / start
+                if not dense_round(trainer, student, args, seed, start, base, preempt):
+                    return exit_code(preempt)
+                for rewind in ([] if args.dense_only else rewind_points(start, args)):
+                    if not pruned_rounds(trainer, args, seed, start, rewind, base, preempt):
+                        return exit_code(preempt)
+    finally:
+        preempt.restore()
+
+    if not trainer.accelerator.is_main_process:
+        return 0
+    summary = report(out)
+    print(f"\nIMP test accuracy (%), mean over seeds -> {out}")
+    print(markdown_table(summary.set_index("start")))
+    if args.push_to_hub and not push_tables(out, OUTPUTS, args.push_to_hub, run_id, "imp", args.hub_private,
+                                            "imp.py"):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

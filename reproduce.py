@@ -42,15 +42,21 @@ def parse_args(argv=None):
 
 
 def call_forwarding_signals(cmd: list[str]) -> int:
-    """Run one point's command; SIGTERM / SIGUSR1 (Slurm's) are passed on, so it checkpoints before stopping."""
-    child = subprocess.Popen(cmd, cwd=ROOT)
-    previous = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
-                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    """Run one point's command; SIGTERM / SIGUSR1 (Slurm's) are passed on, so a training run checkpoints before
+    it stops. Returns the child's status, or 128 + the signal if one arrived (then nothing more is started)."""
+    child, received = subprocess.Popen(cmd, cwd=ROOT), []
+
+    def forward(signum, frame):
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        return child.wait()
+        status = child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return 128 + received[0] if received else status
 
 
 def run(args, spec, pts) -> int:

@@ -22,8 +22,7 @@ import pandas as pd
 
 from utils.checkpoint import PreemptionSignal
 from utils.cli import ArgumentParser, UsageError, check_range, main_guard
-from utils.hub import new_run_id
-from utils.hub_tables import push_tables
+from utils.hub import new_run_id, push_tables
 from utils.pruning import SCOPES, full_masks, load_masks, prune_round, save_masks, sparsity_report
 from utils.results import atomic_path, markdown_table, write_json, write_table
 from utils.supervised import (STARTS, Classifier, add_recipe_args, add_student_args, exit_code, load_state_file,

@@ -25,8 +25,7 @@ from tqdm.auto import tqdm
 
 from utils.checkpoint import PreemptionSignal
 from utils.cli import ArgumentParser, UsageError, check_range, main_guard
-from utils.hub import new_run_id
-from utils.hub_tables import push_tables
+from utils.hub import new_run_id, push_tables
 from utils.lmc import BN_MODES, barriers, error_along_path
 from utils.results import atomic_path, markdown_table, write_json, write_table
 from utils.supervised import (STARTS, Classifier, add_recipe_args, add_student_args, exit_code, load_state_file,

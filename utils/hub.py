@@ -195,17 +195,27 @@ def upload_plan(folder: Path, run_id: str) -> dict[str, Path]:
     return plan
 
 
+def _with_parquet(plan: dict[str, Path], tmp: str) -> dict[str, Path]:
+    """The plan plus a parquet copy of every CSV table (written under `tmp`)."""
+    plan = dict(plan)
+    for path_in_repo, local in list(plan.items()):
+        if local.suffix == ".csv":
+            parquet = Path(tmp) / (local.stem + ".parquet")
+            pd.read_csv(local).to_parquet(parquet, index=False)
+            plan[path_in_repo[:-4] + ".parquet"] = parquet
+    return plan
+
+
 def push_results(folder: Path, repo_id: str, run_id: str, private: bool = False) -> str:
     """Upload a finished run or probe folder in one commit (CSV tables also converted to parquet)."""
-    folder = Path(folder)
-    plan = upload_plan(folder, run_id)
     with tempfile.TemporaryDirectory() as tmp:
-        for path_in_repo, local in list(plan.items()):
-            if local.suffix == ".csv":
-                parquet = Path(tmp) / (local.stem + ".parquet")
-                pd.read_csv(local).to_parquet(parquet, index=False)
-                plan[path_in_repo[:-4] + ".parquet"] = parquet
-        return hub_commit(repo_id, plan, f"Add {run_id}", private=private)
+        return hub_commit(repo_id, _with_parquet(upload_plan(Path(folder), run_id), tmp), f"Add {run_id}",
+                          private=private)
+
+
+def _explain_failure(err: PushError, repo_id: str, folder: Path, retry: str) -> bool:
+    print(f"push to {repo_id} failed: {err}\nThe local folder {folder} is complete. Retry with:\n  {retry}")
+    return False
 
 
 def push_or_explain(folder: Path, repo_id: str, run_id: str, private: bool, script: str) -> bool:
@@ -213,8 +223,22 @@ def push_or_explain(folder: Path, repo_id: str, run_id: str, private: bool, scri
     try:
         url = push_results(folder, repo_id, run_id, private)
     except PushError as err:
-        print(f"push to {repo_id} failed: {err}\nThe local folder {folder} is complete. Retry with:\n"
-              f"  python {script} --push-only {folder} --push-to-hub {repo_id}")
-        return False
+        return _explain_failure(err, repo_id, folder, f"python {script} --push-only {folder} --push-to-hub {repo_id}")
     print(f"pushed {folder} to https://huggingface.co/{repo_id} ({url})")
+    return True
+
+
+def push_tables(folder: Path, names, repo_id: str, run_id: str, prefix: str, private: bool, script: str) -> bool:
+    """imp.py / lmc.py: one commit adding `folder/<name>` for each existing name under `<prefix>/<run_id>/` (CSV
+    also as parquet); on failure says the local files are complete and how to retry. Returns success."""
+    folder = Path(folder)
+    plan = {f"{prefix}/{run_id}/{name}": folder / name for name in names if (folder / name).exists()}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            plan = _with_parquet(plan, tmp)
+            url = hub_commit(repo_id, plan, f"Add {prefix} {run_id}", private=private)
+    except PushError as err:
+        return _explain_failure(err, repo_id, folder, f"python {script} --report-only --output-dir {folder} "
+                                                      f"--push-to-hub {repo_id}")
+    print(f"pushed {len(plan)} files of {folder} to https://huggingface.co/{repo_id} ({url})")
     return True

@@ -290,19 +290,12 @@ def exit_code(preempt) -> int:
 
 
 def load_student(ref: str, revision: str | None = None):
-    """utils.hub.resolve_student, but a local folder that exists and does not load is a usage error too
-    (one line naming --student), not a traceback: these scripts only read the student."""
+    """utils.hub.resolve_student (every way a reference fails to load is one line naming --student)."""
     from utils.hub import resolve_student
 
     if not ref:
         raise UsageError("--student", "required (a train_distill.py run folder, a save_pretrained folder or a Hub id)")
-    try:
-        return resolve_student(ref, revision=revision)
-    except UsageError:
-        raise
-    except Exception as err:  # noqa: BLE001 - corrupt weights, bad config.json, ...
-        raise UsageError("--student", f"{ref} does not load ({type(err).__name__}: "
-                                      f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    return resolve_student(ref, revision=revision)
 
 
 def dataset_of(args, run_config) -> str:

@@ -129,8 +129,11 @@ def report(spec: dict, df: pd.DataFrame, out: Path, curves: pd.DataFrame | None 
     fig.savefig(out / "report.png", dpi=120)
     plt.close(fig)
     write_table(out / "report.csv", table.reset_index())
+    shown = table.copy()
+    if isinstance(shown.index, pd.MultiIndex):  # "model=vgg11, alpha=0.01" instead of a tuple
+        shown.index = [", ".join(f"{n}={v}" for n, v in zip(shown.index.names, key)) for key in shown.index]
     md = out / "report.md"
-    md.write_text(f"# {cfg.get('title', spec['name'])}\n\n{markdown_table(table)}\n\n"
+    md.write_text(f"# {cfg.get('title', spec['name'])}\n\n{markdown_table(shown)}\n\n"
                   f"{len(df.point.unique()) if len(df) else 0} finished points; mean ± std over seeds "
                   f"({probe} probe, " + {"curve": "per epoch", "transfer": "after transfer"}.get(kind, "best epoch") + ").\n")
     return md

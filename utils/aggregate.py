@@ -132,6 +132,8 @@ def report(spec: dict, df: pd.DataFrame, out: Path, curves: pd.DataFrame | None 
     shown = table.copy()
     if isinstance(shown.index, pd.MultiIndex):  # "model=vgg11, alpha=0.01" instead of a tuple
         shown.index = [", ".join(f"{n}={v}" for n, v in zip(shown.index.names, key)) for key in shown.index]
+    if isinstance(shown.columns, pd.MultiIndex):  # transfers: "digits: student"
+        shown.columns = [": ".join(map(str, key)) for key in shown.columns]
     md = out / "report.md"
     md.write_text(f"# {cfg.get('title', spec['name'])}\n\n{markdown_table(shown)}\n\n"
                   f"{len(df.point.unique()) if len(df) else 0} finished points; mean ± std over seeds "

@@ -18,15 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import pandas as pd
-
-from utils.checkpoint import PreemptionSignal
 from utils.cli import ArgumentParser, UsageError, check_range, main_guard
-from utils.hub import new_run_id, push_tables
-from utils.pruning import SCOPES, full_masks, load_masks, prune_round, save_masks, sparsity_report
-from utils.results import atomic_path, markdown_table, write_json, write_table
-from utils.supervised import (STARTS, Classifier, add_recipe_args, add_student_args, exit_code, load_state_file,
-                              recipe_from_args, save_state_file, setup_run, start_encoder)
+from utils.recipe import SCOPES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("imp_table.csv", "imp_summary.csv", "imp.png")
 
@@ -68,6 +61,19 @@ def parse_args(argv=None):
     if args.report_only and not args.output_dir:
         raise UsageError("--output-dir", "name the IMP folder to report on")
     return args
+
+
+if __name__ == "__main__":  # torch takes seconds to import: report a bad flag before that
+    main_guard(parse_args)()
+
+# ruff: noqa: E402  (the heavy imports below follow the flag check on purpose)
+import pandas as pd
+
+from utils.checkpoint import PreemptionSignal
+from utils.hub import new_run_id, push_tables
+from utils.pruning import full_masks, load_masks, prune_round, save_masks, sparsity_report
+from utils.results import atomic_path, markdown_table, write_json, write_table
+from utils.supervised import Classifier, exit_code, load_state_file, save_state_file, setup_run, start_encoder
 
 
 # ------------------------------------------------------------------------------------------ the rounds

@@ -19,17 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import pandas as pd
-import torch
-from tqdm.auto import tqdm
-
-from utils.checkpoint import PreemptionSignal
 from utils.cli import ArgumentParser, UsageError, check_range, main_guard
-from utils.hub import new_run_id, push_tables
-from utils.lmc import BN_MODES, barriers, error_along_path
-from utils.results import atomic_path, markdown_table, write_json, write_table
-from utils.supervised import (STARTS, Classifier, add_recipe_args, add_student_args, exit_code, load_state_file,
-                              recipe_from_args, save_state_file, setup_run, start_encoder)
+from utils.recipe import BN_MODES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("lmc_table.csv", "lmc_curves.csv", "lmc_summary.csv", "lmc.png")
 LABELS = {"student": "start: student θ_S*", "init": "start: initialisation θ_S", "checkpoint": "start: checkpoint"}
@@ -71,6 +62,21 @@ def parse_args(argv=None):
     if args.report_only and not args.output_dir:
         raise UsageError("--output-dir", "name the LMC folder to report on")
     return args
+
+
+if __name__ == "__main__":  # torch takes seconds to import: report a bad flag before that
+    main_guard(parse_args)()
+
+# ruff: noqa: E402  (the heavy imports below follow the flag check on purpose)
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from utils.checkpoint import PreemptionSignal
+from utils.hub import new_run_id, push_tables
+from utils.lmc import barriers, error_along_path
+from utils.results import atomic_path, markdown_table, write_json, write_table
+from utils.supervised import Classifier, exit_code, load_state_file, save_state_file, setup_run, start_encoder
 
 
 def start_state(start: str, student, args, num_classes: int) -> dict:

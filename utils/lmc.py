@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BN_MODES = ("recompute", "interpolate")
+from utils.recipe import BN_MODES  # noqa: F401 (re-exported)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SCOPES = ("weights", "all")
+from utils.recipe import SCOPES  # noqa: F401 (re-exported)
 
 
 def prunable_names(model: nn.Module, scope: str = "weights") -> list[str]:

@@ -62,7 +62,7 @@ def call_forwarding_signals(cmd: list[str]) -> int:
 def run(args, spec, pts) -> int:
     if args.slurm:
         submit = ["sbatch", f"--array=0-{len(pts) - 1}", SLURM_SCRIPT, args.grid, *(["--tiny"] if args.tiny else []),
-                  "--runs", args.runs]
+                  "--runs", args.runs, *(["--launcher", args.launcher] if args.launcher else [])]
         print(shell(submit))
         return 0 if args.dry_run else subprocess.call(submit)
     launcher = args.launcher.split() if args.launcher else None

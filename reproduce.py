@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from utils.cli import ArgumentParser, UsageError, count, main_guard
+from utils.cli import ArgumentParser, UsageError, check_output_dir, count, main_guard
 from utils.grids import (available, commands, finished, gpu_hours, load_grid, points, read_config, run_dir,
                          same_arguments, shell)
 
@@ -103,6 +103,8 @@ def run(args, spec, pts) -> int:
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
+    if args.verb == "run" and not args.dry_run:
+        check_output_dir("--runs", Path(args.runs))
     spec = load_grid(args.grid, args.tiny)
     pts = points(spec)
     if args.point is not None:

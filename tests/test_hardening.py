@@ -303,3 +303,15 @@ def test_a_planted_cache_file_runs_no_code_and_is_rebuilt(tiny_dataset, tmp_path
     assert len(warnings) == 2 and "unreadable dataset cache" in warnings[0]
     assert torch.equal(first.train.images, again.train.images) and torch.equal(first.test.labels, again.test.labels)
     assert torch.load(caches[0], weights_only=True)["images"].dtype == torch.uint8  # rebuilt in the safe format
+
+
+@pytest.mark.parametrize("argv", [["imp.py", "--student", "x", "--output-dir", "{file}"],
+                                  ["lmc.py", "--student", "x", "--output-dir", "{file}/sub"],
+                                  ["reproduce.py", "run", "fig4", "--runs", "{file}"]])
+def test_the_other_scripts_refuse_a_file_as_output_folder_before_any_work(argv, tmp_path):
+    (tmp_path / "file").write_text("not a folder\n")
+    done = subprocess.run([sys.executable, *[a.format(file=tmp_path / "file") for a in argv]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "is a file" in lines[0], done.stderr
+    assert (tmp_path / "file").read_text() == "not a folder\n"

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from utils.cli import ArgumentParser, UsageError, check_output_dir, count, main_guard
-from utils.grids import (available, commands, finished, gpu_hours, load_grid, points, read_config, run_dir,
-                         same_arguments, shell)
+from utils.grids import available, commands, finished, gpu_hours, load_grid, points, run_dir, same_arguments, shell
+from utils.results import read_config
 
 ROOT = Path(__file__).resolve().parent  # the scripts it runs live here
 SLURM_SCRIPT = "accelerate_configs/slurm/reproduce_array.sbatch"
@@ -77,7 +77,7 @@ def run(args, spec, pts) -> int:
         if finished(point, folder):
             print(f"[{point.index + 1}/{len(pts)}] {point.name}: finished, skipped")
             continue
-        if (folder / "summary.json").exists() and not same_arguments(point, read_config(folder)):
+        if (folder / "summary.json").exists() and not same_arguments(point, read_config(folder) or {}):
             print(f"[{point.index + 1}/{len(pts)}] {point.name}: {folder} holds a finished run of other arguments "
                   "(the grid file changed?); delete it to rerun the point")
             failed.append(point.name)

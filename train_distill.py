@@ -148,8 +148,8 @@ from utils.hub import new_run_id, push_or_explain, write_model_card
 from utils.losses import loss_diagnostics
 from utils.models import make_teacher_student
 from utils.probing import extract_features, probe_features
-from utils.results import (MetricLog, discard_run, environment, format_table, plot_probes, probe_table, summarize,
-                           write_json, write_table)
+from utils.results import (MetricLog, discard_run, environment, format_table, plot_probes, probe_table, read_config,
+                           summarize, write_json, write_table)
 
 
 # Arguments that may differ between an interrupted run and its resumption; every other one must match.
@@ -167,13 +167,6 @@ def push_only(args) -> int:
     if not repo:
         raise UsageError("--push-to-hub", "name the repo to push to")
     return 0 if push_or_explain(run_dir, repo, config["run_id"], args.hub_private, "train_distill.py") else 1
-
-
-def read_config(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def changed_arguments(previous: dict, args) -> list[str]:
@@ -243,7 +236,8 @@ def own_share(epoch_loss, rank: int, world: int) -> float:
 
 
 def finite_parameters(net) -> bool:
-    return bool(torch.stack([p.detach().float().abs().sum() for p in net.parameters()]).sum().isfinite())
+    """Every parameter finite (one device sync, not one per tensor)."""
+    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in net.parameters()]).all())
 
 
 @main_guard
@@ -254,7 +248,7 @@ def main(argv=None):
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     is_main, world, rank, device = (accelerator.is_main_process, accelerator.num_processes,
                                     accelerator.process_index, accelerator.device)
-    out, name = Path(args.output_dir), Path(args.dataset).name
+    out = Path(args.output_dir)
     if (out / "summary.json").exists() and not args.overwrite:
         previous = read_config(out)
         changed = changed_arguments(previous, args) if previous else []

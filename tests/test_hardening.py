@@ -16,7 +16,7 @@ import torch
 import probe
 import train_distill
 import utils.cli
-from conftest import ROOT, TINY_NET, TINY_RUN, write_parquet_dataset
+from conftest import ROOT, TINY_RUN, write_parquet_dataset
 from utils.checkpoint import list_checkpoints
 from utils.data import default_cache_dir, load_dataset
 from utils.distill import DistillStep

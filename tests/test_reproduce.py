@@ -4,7 +4,6 @@ array's task id picks the same point as `--point`."""
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from utils.grids import Point, read_config, run_dir, same_arguments  # noqa: E402
-from utils.results import markdown_table, write_table  # noqa: E402
+from utils.grids import Point, run_dir, same_arguments  # noqa: E402
+from utils.results import markdown_table, read_config, write_table  # noqa: E402
 
 
 def collect(spec: dict, pts: list[Point], runs: Path | None = None, hub_folder: Path | None = None) -> pd.DataFrame:
@@ -28,7 +28,7 @@ def collect(spec: dict, pts: list[Point], runs: Path | None = None, hub_folder: 
         found = [(p, run_dir(runs, spec, p)) for p in pts]
     rows = []
     for point, folder in found:
-        if not (folder / "summary.json").exists() or not same_arguments(point, read_config(folder)):
+        if not (folder / "summary.json").exists() or not same_arguments(point, read_config(folder) or {}):
             continue
         base = point.swept | {"seed": point.args.get("seed", 0), "point": point.name, "probed_on": "-"}
         summary = json.loads((folder / "summary.json").read_text())["probes"]

@@ -8,7 +8,6 @@ replaces `fixed` / `grid` keys for the version that runs on 2 CPU cores on the b
 from __future__ import annotations
 
 import itertools
-import json
 import shlex
 import sys
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from utils.cli import UsageError
+from utils.results import read_config
 
 GRID_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs" / "experiments"
 
@@ -112,17 +112,10 @@ def same_arguments(point: Point, config: dict) -> bool:
     return all(config.get(k) == v for k, v in point.args.items())
 
 
-def read_config(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def finished(point: Point, folder: Path) -> bool:
     """The point's run (of exactly its arguments) and its transfer probes are done."""
     names = [Path(d).name for d in point.probe_on]
-    if not (folder / "summary.json").exists() or not same_arguments(point, read_config(folder)):
+    if not (folder / "summary.json").exists() or not same_arguments(point, read_config(folder) or {}):
         return False
     return all((folder / "probes" / n / "probe_results.json").exists() for n in names)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
-import json
 import secrets
 import tempfile
 import time
@@ -15,7 +14,7 @@ import pandas as pd
 
 from utils.cli import UsageError
 from utils.models import PAPER_URL, DistillationNetwork
-from utils.results import markdown_table
+from utils.results import markdown_table, read_config
 
 RUN_FILES = ("config.json", "metrics.csv", "summary.json", "probe_table.csv", "probe_accuracy.png")
 PROBE_FILES = ("probe_table.csv", "probe_results.json")
@@ -72,10 +71,10 @@ def resolve_student(ref: str, flag: str = "--student", revision: str | None = No
 
 
 def read_run_config(run_dir: Path, flag: str) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(flag, f"{run_dir}/config.json cannot be read ({type(err).__name__}: {err})") from None
+    config = read_config(run_dir)
+    if config is None:
+        raise UsageError(flag, f"{run_dir}/config.json is missing or not valid JSON")
+    return config
 
 
 # ---------------------------------------------------------------------------------------- model card

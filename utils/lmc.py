@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from utils.recipe import BN_MODES  # noqa: F401 (re-exported)
-
 
 @torch.no_grad()
 def interpolate_state(a: dict, b: dict, gamma: float) -> dict:

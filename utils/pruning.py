@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from utils.recipe import SCOPES  # noqa: F401 (re-exported)
+from utils.recipe import SCOPES
 
 
 def prunable_names(model: nn.Module, scope: str = "weights") -> list[str]:

@@ -52,6 +52,14 @@ RUN_CONTENTS = ("summary.json", "student", "probe_table.csv", "probe_accuracy.pn
                 "checkpoints", "config.json")
 
 
+def read_config(folder: Path) -> dict | None:
+    """A run folder's config.json, or None if it is missing or unreadable."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def discard_run(folder: Path, only: tuple[str, ...] = RUN_CONTENTS) -> None:
     """Delete a run's own files and folders from `folder` (never anything else the folder holds)."""
     for name in RUN_CONTENTS:

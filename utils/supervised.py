@@ -22,7 +22,7 @@ from utils.cli import UsageError
 from utils.data import epoch_batches, rank_slice
 from utils.probing import extract_features
 from utils.pruning import apply_masks
-from utils.recipe import STARTS, Recipe, add_recipe_args, add_student_args, recipe_from_args  # noqa: F401
+from utils.recipe import Recipe
 from utils.results import MetricLog, atomic_path
 
 AUGMENT_SALT = 7_777_777_777  # keeps the augmentation stream apart from epoch_order's generator seeds

@@ -75,7 +75,7 @@ from utils.checkpoint import PreemptionSignal
 from utils.hub import new_run_id, push_tables
 from utils.pruning import full_masks, load_masks, prune_round, save_masks, sparsity_report
 from utils.results import atomic_path, markdown_table, write_json, write_table
-from utils.supervised import Classifier, exit_code, load_state_file, save_state_file, setup_run, start_encoder
+from utils.supervised import Classifier, load_state_file, save_state_file, setup_run, start_encoder
 
 
 # ------------------------------------------------------------------------------------------ the rounds
@@ -257,10 +257,10 @@ def main(argv=None):
             for start in args.starts:
                 base = out / f"seed-{seed}" / start
                 if not dense_round(trainer, student, args, seed, start, base, preempt):
-                    return exit_code(preempt)
+                    return preempt.exit_status()
                 for rewind in ([] if args.dense_only else rewind_points(start, args)):
                     if not pruned_rounds(trainer, args, seed, start, rewind, base, preempt):
-                        return exit_code(preempt)
+                        return preempt.exit_status()
     finally:
         preempt.restore()
 

@@ -78,7 +78,7 @@ from utils.checkpoint import PreemptionSignal
 from utils.hub import new_run_id, push_tables
 from utils.lmc import barriers, error_along_path
 from utils.results import atomic_path, markdown_table, write_json, write_table
-from utils.supervised import Classifier, exit_code, load_state_file, save_state_file, setup_run, start_encoder
+from utils.supervised import Classifier, load_state_file, save_state_file, setup_run, start_encoder
 
 
 def start_state(start: str, student, args, num_classes: int) -> dict:
@@ -170,7 +170,7 @@ def main(argv=None):
             finals[start] = train_copies(trainer, start_state(start, student, args, data.num_classes), args,
                                          out / start, preempt)
             if finals[start] is None:
-                return exit_code(preempt)
+                return preempt.exit_status()
     finally:
         preempt.restore()
 

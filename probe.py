@@ -14,12 +14,7 @@ import sys
 from pathlib import Path
 
 from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, check_image_size, check_output_dir,
-                       count, fill_probe_defaults, main_guard, output_problem)
-
-# Settings of the probed run that are reused when probing it on its own dataset (unless a flag overrides them).
-RUN_DATA_SETTINGS = ("image_column", "label_column", "train_split", "test_split", "revision", "image_size",
-                     "val_size", "seed")
-
+                       count, main_guard, output_problem, reuse_run_settings)
 
 def parse_args(argv=None):
     """Parse and check every flag (torch-free, so a bad flag is reported before torch is imported)."""
@@ -69,23 +64,6 @@ from utils.probing import extract_features, probe_features
 from utils.results import environment, format_table, probe_table, summarize, write_json, write_table
 
 
-def reuse_run_settings(args, run_config: dict | None) -> list[str]:
-    """Fill unset flags from the probed run: its data settings when probing its own dataset, its probe settings
-    always (so its table is reproduced); return the `--flag=value` taken from it."""
-    run_config = run_config or {}
-    args.dataset = args.dataset or run_config.get("dataset")
-    if args.dataset is None:
-        raise UsageError("--dataset", "required when --student is not a run folder")
-    taken = []
-    if args.dataset == run_config.get("dataset"):
-        for key in RUN_DATA_SETTINGS:
-            if getattr(args, key) is None and run_config.get(key) not in (None, 0):
-                setattr(args, key, run_config[key])
-                taken.append(f"--{key.replace('_', '-')}={run_config[key]}")
-    args.val_size, args.seed = args.val_size or 0, args.seed or 0
-    return taken + fill_probe_defaults(args, run_config)
-
-
 def student_label(ref: str, revision: str | None) -> str:
     """A folder name unique to the student: a local folder's name plus a hash of its absolute path (two
     save_pretrained folders both called `student` never share one), or the Hub id."""
@@ -130,7 +108,8 @@ def main(argv=None):
     started = time.time()
     accelerator = Accelerator()
     student, run_config = resolve_student(args.student, revision=args.student_revision)
-    taken = reuse_run_settings(args, run_config)
+    taken = reuse_run_settings(args, run_config, ("val_size", "seed"))
+    args.val_size, args.seed = args.val_size or 0, args.seed or 0
     check_image_size(args.dataset, args.image_size, student.arch["model"])
     out = output_folder(args, run_config)
     if taken:

@@ -1,8 +1,9 @@
-"""Shared fixtures: a tiny local dataset in the Hub's parquet layout and a tiny network configuration."""
+"""Shared fixtures: a tiny local dataset in the Hub's parquet layout, a tiny network configuration and a fake Hub."""
 import io
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -62,3 +63,38 @@ def one_torch_thread():
 def isolated_cache(tmp_path, monkeypatch):
     """Decoded-tensor cache per test, so tests never see each other's (or the user's) cache."""
     monkeypatch.setenv("RANDOM_TEACHERS_CACHE", str(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------------------------------- the fake Hub
+class FakeHub:
+    """Records what would be uploaded. `fail_first` commits raise (after recording the attempted files)."""
+
+    def __init__(self, fail_first: int = 0):
+        self.fail_first, self.repos, self.attempts, self.commits = fail_first, [], [], []
+
+    def create_repo(self, repo_id, repo_type=None, private=False, exist_ok=False, **kw):
+        self.repos.append(dict(repo_id=repo_id, repo_type=repo_type, private=private, exist_ok=exist_ok))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, commit_message=None, repo_type=None, **kw):
+        # read the contents now: the real client uploads during this call (parquet files live in a temp dir)
+        files = {}
+        for op in operations:
+            src = op.path_or_fileobj
+            files[op.path_in_repo] = Path(src).read_bytes() if isinstance(src, (str, Path)) else bytes(src)
+        commit = dict(repo_id=repo_id, files=files, message=commit_message, repo_type=repo_type)
+        self.attempts.append(commit)
+        if len(self.attempts) <= self.fail_first:
+            raise ConnectionError("simulated network failure mid-push")
+        self.commits.append(commit)
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{len(self.commits):040d}")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> FakeHub:
+    """The Hub client replaced by a FakeHub (the one seam, utils.hub.hub_api): every upload is recorded."""
+    import utils.hub
+
+    fake = FakeHub()
+    monkeypatch.setattr(utils.hub, "hub_api", lambda: fake)
+    return fake

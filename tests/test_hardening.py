@@ -119,7 +119,8 @@ def test_bad_flags_are_reported_before_torch_is_imported(tmp_path):
             "    print(e.code, 'torch' in sys.modules)\n")
     for script, flag, value in (("train_distill.py", "--lr", "-1"), ("probe.py", "--knn-k", "0"),
                                 ("train_distill.py", "--help", ""), ("imp.py", "--prune-fraction", "1.5"),
-                                ("lmc.py", "--copies", "1"), ("reproduce.py", "--point", "-1")):
+                                ("lmc.py", "--copies", "1"), ("reproduce.py", "--point", "-1"),
+                                ("landscape.py", "--resolution", "0")):
         done = subprocess.run([sys.executable, "-c", code.format(script=script, flag=flag, value=value)], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
         assert done.stdout.split()[-2:] == ["0" if flag == "--help" else "2", "False"], done.stdout + done.stderr

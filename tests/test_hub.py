@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import probe
 import train_distill
 import utils.hub
-from conftest import TINY_RUN
+from conftest import TINY_RUN, FakeHub
 from utils.cli import UsageError
 from utils.hub import resolve_student
 from utils.models import DistillationNetwork, init_network, make_teacher_student
@@ -36,31 +36,6 @@ RUN = TINY_RUN + ["--alpha", "0.5", "--epochs", "1", "--checkpoint-every", "0"]
 FLAT = RUN + ["--model", "flatten"]
 ARCH = dict(model="vgg11", norm="batch", image_size=32, hidden_dims=[32], bottleneck_dim=8, out_dim=64,
             bottleneck="default")
-
-
-# ------------------------------------------------------------------------------------------- the fake Hub
-class FakeHub:
-    """Records what would be uploaded. `fail_first` commits raise (after recording the attempted files)."""
-
-    def __init__(self, fail_first: int = 0):
-        self.fail_first, self.repos, self.attempts, self.commits = fail_first, [], [], []
-
-    def create_repo(self, repo_id, repo_type=None, private=False, exist_ok=False, **kw):
-        self.repos.append(dict(repo_id=repo_id, repo_type=repo_type, private=private, exist_ok=exist_ok))
-        return SimpleNamespace(repo_id=repo_id)
-
-    def create_commit(self, repo_id, operations, commit_message=None, repo_type=None, **kw):
-        # read the contents now: the real client uploads during this call (parquet files live in a temp dir)
-        files = {}
-        for op in operations:
-            src = op.path_or_fileobj
-            files[op.path_in_repo] = Path(src).read_bytes() if isinstance(src, (str, Path)) else bytes(src)
-        commit = dict(repo_id=repo_id, files=files, message=commit_message, repo_type=repo_type)
-        self.attempts.append(commit)
-        if len(self.attempts) <= self.fail_first:
-            raise ConnectionError("simulated network failure mid-push")
-        self.commits.append(commit)
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{len(self.commits):040d}")
 
 
 @pytest.fixture

@@ -218,21 +218,11 @@ def test_a_student_that_does_not_load_is_one_line_in_a_real_process(tmp_path):
     assert len(lines) == 1 and "--student" in lines[0] and "does not load" in lines[0], lines
 
 
-def test_push_to_hub_sends_the_tables_and_figure_through_the_single_seam(reference, monkeypatch, capsys):
+def test_push_to_hub_sends_the_tables_and_figure_through_the_single_seam(reference, fake_hub, capsys):
     _, out = reference
-    commits = []
-
-    class FakeApi:
-        def create_repo(self, repo_id, **kwargs):
-            pass
-
-        def create_commit(self, repo_id, operations, commit_message, repo_type):
-            commits.append((repo_id, sorted(op.path_in_repo for op in operations)))
-            return "https://hub/commit/1"
-
-    monkeypatch.setattr("utils.hub.hub_api", lambda: FakeApi())
     assert imp_script.main(["--report-only", "--output-dir", str(out), "--push-to-hub", "me/imp"]) == 0
-    (repo, paths), = commits
+    (commit,) = fake_hub.commits
+    repo, paths = commit["repo_id"], sorted(commit["files"])
     names = {p.split("/", 2)[2] for p in paths}
     assert repo == "me/imp" and all(p.startswith("imp/") for p in paths)
     assert names == {"imp_table.csv", "imp_table.parquet", "imp_summary.csv", "imp_summary.parquet", "imp.png"}

@@ -258,3 +258,24 @@ def test_extract_features_in_order(n, batch):
     torch.testing.assert_close(feats, fn(data[:n]).float())
     assert torch.equal(torch.cat(seen), torch.arange(n))
     assert max(len(i) for i in seen) <= batch and len(seen) == -(-n // batch)
+
+
+def test_landscape_kl_is_precise_near_zero_where_the_direct_float32_form_is_not():
+    import torch.nn.functional as F
+
+    from utils.losses import distill_loss, kl_and_ce
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(64, 4096, generator=g)
+    for scale in (1e-4, 1e-2, 1.0):
+        student = teacher + scale * torch.randn(64, 4096, generator=g)
+        log_q, log_p = F.log_softmax(student.double(), -1), F.log_softmax(teacher.double(), -1)
+        exact_kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        kl, ce = kl_and_ce(student, teacher)
+        torch.testing.assert_close(kl, exact_kl, rtol=2e-2, atol=1e-10)
+        torch.testing.assert_close(ce, distill_loss(student, teacher, "ce").double(), rtol=1e-5, atol=1e-5)
+        if scale == 1e-4:  # KL ~ 5e-9: below the direct float32 form's round-off floor (~1e-6 for this K)
+            assert (distill_loss(student, teacher, "kl").double() - exact_kl).abs().max() > 20 * exact_kl.max()
+    assert kl_and_ce(teacher, teacher)[0].abs().max() == 0  # exactly 0 at the teacher
+    big = kl_and_ce(teacher * 200, teacher)[0]  # far from the teacher: no overflow
+    assert torch.isfinite(big).all() and (big > 0).all()

@@ -117,3 +117,7 @@ class PreemptionSignal:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def exit_status(self) -> int:
+        """The shell's status for death by the received signal (143 for SIGTERM, 138 for SIGUSR1)."""
+        return 128 + getattr(signal, self.received or "SIGTERM")

@@ -193,6 +193,28 @@ def fill_probe_defaults(args, run_config: dict | None) -> list[str]:
     return taken
 
 
+# Data settings of a run that a script working on its student reuses on the run's own dataset (unless a flag
+# overrides them): the same images, decoded the same way.
+RUN_DATA_SETTINGS = ("image_column", "label_column", "train_split", "test_split", "revision", "image_size")
+
+
+def reuse_run_settings(args, run_config: dict | None, extra: tuple[str, ...] = ()) -> list[str]:
+    """Fill unset flags from the run the student came from: its dataset, its data settings (plus `extra`) when
+    working on its own dataset, its probe settings always (so its probes are reproduced). Returns the
+    `--flag=value` taken from it, for a one-line note."""
+    run_config = run_config or {}
+    args.dataset = args.dataset or run_config.get("dataset")
+    if args.dataset is None:
+        raise UsageError("--dataset", "required when the student is not a run folder")
+    taken = []
+    if args.dataset == run_config.get("dataset"):
+        for key in RUN_DATA_SETTINGS + extra:
+            if getattr(args, key) is None and run_config.get(key) not in (None, 0):
+                setattr(args, key, run_config[key])
+                taken.append(f"--{key.replace('_', '-')}={run_config[key]}")
+    return taken + fill_probe_defaults(args, run_config)
+
+
 # ----------------------------------------------------------------------------------------- output folders
 def check_image_size(dataset: str | None, image_size: int | None, model: str, loaded: bool = False) -> None:
     """--image-size must suit the encoder, and built-in datasets have one fixed size. `loaded`: `image_size`

@@ -214,6 +214,13 @@ class DistillationNetwork(nn.Module, PyTorchModelHubMixin, library_name="random-
             raise ValueError("this network carries no teacher_seed, so its teacher cannot be rebuilt")
         return freeze(init_network(self.arch, self.seeds["teacher_seed"]))
 
+    def build_init(self) -> "DistillationNetwork":
+        """This student's initialisation theta_S, rebuilt exactly from the stored seeds and alpha."""
+        if None in self.seeds.values():
+            raise ValueError("this network carries no teacher/student seeds or alpha, so its initialisation "
+                             "cannot be rebuilt")
+        return make_teacher_student(self.arch, **self.seeds)[1]
+
 
 def init_network(arch: dict, seed: int) -> DistillationNetwork:
     return DistillationNetwork(**arch).reset_parameters(torch.Generator().manual_seed(seed))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import signal
 from pathlib import Path
 
 import torch
@@ -51,14 +50,10 @@ def start_encoder(student, start: str) -> nn.Module:
     exactly from the seeds and alpha stored with it."""
     if start == "student":
         return student.encoder
-    from utils.models import make_teacher_student
-
-    seeds = student.seeds
-    if None in (seeds["teacher_seed"], seeds["student_seed"], seeds["alpha"]):
-        raise UsageError("--student", "this student carries no teacher/student seeds or alpha, so its "
-                                      "initialisation (start 'init') cannot be rebuilt")
-    _, initial = make_teacher_student(student.arch, seeds["teacher_seed"], seeds["student_seed"], seeds["alpha"])
-    return initial.encoder
+    try:
+        return student.build_init().encoder
+    except ValueError as err:
+        raise UsageError("--student", f"{err} (start 'init')") from None
 
 
 # --------------------------------------------------------------------------------------- augmentation
@@ -218,10 +213,6 @@ def save_state_file(path: Path, state: dict, **extra) -> None:
 
 def load_state_file(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def exit_code(preempt) -> int:
-    return 128 + getattr(signal, preempt.received or "SIGTERM")
 
 
 def load_student(ref: str, revision: str | None = None):

@@ -1,0 +1,329 @@
+#!/usr/bin/env python
+"""Loss and probe landscapes on the plane through three networks (paper §5 and App. D.2: Figs. 6, 15-18).
+
+    # Fig. 6, left: teacher, the alpha = 1 student's initialisation, the trained alpha = 1 student
+    accelerate launch landscape.py --points runs/A1:teacher runs/A1:init runs/A1:student
+    # Fig. 6, right (and Fig. 15 with --coords ortho, Fig. 16 with --zoom 8): teacher, both trained students
+    accelerate launch landscape.py --points runs/A0:teacher runs/A0:student runs/A1:student
+
+Each point is a train_distill.py run folder, a save_pretrained folder or a Hub id (the --student loader), with
+a selector: `:teacher` (the random teacher rebuilt from its seed), `:init` (the student's initialisation, rebuilt
+from its seeds and alpha) or `:student` (the trained student; the default). At every node of the grid and at the
+three points themselves: CE and KL to the teacher on fixed train and test subsets, linear and k-NN probes of the
+embeddings and ||theta||. Grid points are split across Accelerate processes and written per chunk, so an
+interrupted grid resumes where it stopped. Writes landscape.csv (x, y, metric, value), landscape.json (settings,
+geometry, timing) and landscape.png to --output-dir.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, check_output_dir, count, main_guard,
+                       positive)
+
+SELECTORS = ("teacher", "init", "student")
+BN_MODES = ("batch", "eval", "recompute", "distill")
+OUTPUTS = ("landscape.csv", "landscape.json", "landscape.png")
+
+
+def point_spec(text: str) -> tuple[str, str]:
+    """`REF[:selector]` -> (REF, selector); the selector defaults to `student`."""
+    ref, _, selector = text.rpartition(":")
+    if ref and selector in SELECTORS:
+        return ref, selector
+    if ref and not Path(text).exists():
+        raise UsageError("--points", f"unknown selector {':' + selector!r} in {text!r}; choose from "
+                                     f"{', '.join(':' + s for s in SELECTORS)}")
+    return text, "student"
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       epilog="Exit status: 0 done, 1 the Hub push failed, 2 bad input, 143/138 stopped by "
+                              "SIGTERM/SIGUSR1 (rerun the same command to resume).")
+    g = p.add_argument_group("plane")
+    g.add_argument("--points", nargs=3, metavar="REF[:SEL]", help="the three points (required); the first one's "
+                   "run gives the teacher, the dataset and the data settings")
+    g.add_argument("--labels", nargs=3, help="names of the points in the figure (default: θ_T, θ_S(α), θ_S*(α))")
+    g.add_argument("--coords", choices=("affine", "ortho"), default="affine",
+                   help="affine: the points at (0,0), (1,0), (0,1) (Fig. 6); ortho: orthonormal axes, true "
+                        "distances, origin at the plane's point closest to 0 (Figs. 15-18)")
+    g.add_argument("--scope", choices=("full", "encoder"), default="full",
+                   help="parameters the plane moves: the whole network, or the encoder only, with the losses "
+                        "between embeddings (Figs. 17-18)")
+    a = p.add_argument_group("grid")
+    a.add_argument("--resolution", type=count(2), nargs="+", default=[21], metavar="N",
+                   help="nodes per axis: N, or NX NY")
+    a.add_argument("--x-range", type=float, nargs=2, metavar=("MIN", "MAX"), help="default: fitted to the points")
+    a.add_argument("--y-range", type=float, nargs=2, metavar=("MIN", "MAX"), help="default: fitted to the points")
+    a.add_argument("--margin", type=positive, default=0.25,
+                   help="fitted ranges extend this fraction of the points' extent beyond them on each side")
+    a.add_argument("--zoom", type=positive, default=1.0, help="shrink the fitted window by this factor around "
+                                                              "the point --zoom-on (Figs. 16, 18)")
+    a.add_argument("--zoom-on", type=count(0, 2), default=0, help="index of the point to zoom on (0 = first)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--bn", choices=BN_MODES, default="batch",
+                   help="BatchNorm at every point, the same for teacher and student, so the teacher is exactly the "
+                        "global minimum: batch statistics (as the paper's code), the teacher's buffers (eval), or "
+                        "statistics recomputed on the train subset at each point (recompute: probes closest to a "
+                        "run's own); or 'distill': as in training (teacher eval, student batch statistics)")
+    e.add_argument("--train-images", type=count(1), help="fixed random subset of the train split for the train "
+                                                         "losses and the probes' training (default: all)")
+    e.add_argument("--test-images", type=count(1), help="fixed random subset of the test split (default: all)")
+    e.add_argument("--subset-seed", type=count(0), default=0, help="which images form the subsets")
+    e.add_argument("--batch-size", type=count(2), help="images per forward pass; with batch statistics it is "
+                                                       "part of the function (default: the run's, else 256)")
+    e.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="autocast for the forward passes; KL values near 1e-7 need 'no'")
+    d = add_data_args(p, default_dataset=None, inherited=True)
+    d.description = "the dataset and its settings default to the first point's run"
+    add_probe_args(p, inherited=True)
+    r = p.add_argument_group("run")
+    r.add_argument("--chunk-size", type=count(1), default=4, help="grid points per result file (the unit of "
+                                                                   "resuming and of sharing between processes)")
+    r.add_argument("--output-dir", help="default: runs/landscape-<dataset>-<model>-<coords>-<hash of the points>")
+    r.add_argument("--overwrite", action="store_true", help="discard a landscape of other settings in --output-dir")
+    r.add_argument("--report-only", action="store_true", help="no evaluation: redraw the figure from the table")
+    r.add_argument("--push-to-hub", metavar="REPO", help="upload table, settings and figure to landscape/<id>/")
+    r.add_argument("--hub-private", action="store_true")
+    args = p.parse_args(argv)
+    if args.report_only:
+        if not args.output_dir:
+            raise UsageError("--output-dir", "name the landscape folder to report on")
+        return args
+    if not args.points:
+        raise UsageError("--points", "required: three REF[:teacher|init|student]")
+    args.specs = [point_spec(t) for t in args.points]
+    if len(args.resolution) > 2:
+        raise UsageError("--resolution", f"give N or NX NY, got {len(args.resolution)} numbers")
+    args.resolution = tuple(args.resolution * 2)[:2]
+    for flag, given in (("--x-range", args.x_range), ("--y-range", args.y_range)):
+        if given is not None and not given[0] < given[1]:
+            raise UsageError(flag, f"MIN must be below MAX, got {given[0]:g} {given[1]:g}")
+    if args.zoom != 1.0 and args.x_range and args.y_range:
+        raise UsageError("--zoom", "zooms the fitted window; with both ranges given, set them directly")
+    if args.output_dir:
+        check_output_dir("--output-dir", Path(args.output_dir))
+    return args
+
+
+if __name__ == "__main__":  # torch takes seconds to import: report a bad flag before that
+    main_guard(parse_args)()
+
+# ruff: noqa: E402  (the heavy imports below follow the flag check on purpose)
+import copy
+import json
+import shutil
+import time
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from tqdm.auto import tqdm
+
+from utils.checkpoint import PreemptionSignal
+from utils.cli import reuse_run_settings
+from utils.data import Normalizer, load_dataset
+from utils.hub import new_run_id, push_tables, resolve_student
+from utils.landscape import (CollinearPoints, Plane, PointEvaluator, flat_parameters, grid_axes, pending_chunks,
+                             plot_landscape, read_chunks, work_list, write_chunk)
+from utils.results import environment, markdown_table, write_json, write_table
+
+
+def load_points(specs: list[tuple[str, str]]):
+    """The three networks, the first point's student (whose teacher and run define the landscape), its run
+    config, and default labels."""
+    loaded, networks, labels = {}, [], []
+    for ref, selector in specs:
+        if ref not in loaded:
+            loaded[ref] = resolve_student(ref, flag="--points")
+        student = loaded[ref][0]
+        try:
+            net = {"teacher": student.build_teacher, "init": student.build_init, "student": lambda: student}[selector]()
+        except ValueError as err:
+            raise UsageError("--points", f"{ref}:{selector}: {err}") from None
+        alpha = student.seeds["alpha"]
+        labels.append({"teacher": "θ_T", "init": "θ_S", "student": "θ_S*"}[selector]
+                      + (f"(α={alpha:g})" if selector != "teacher" and alpha is not None else ""))
+        networks.append(net.eval())
+    for (ref, _), net in zip(specs[1:], networks[1:]):
+        if net.arch != networks[0].arch:
+            diff = ", ".join(f"{k} {networks[0].arch[k]} vs {net.arch[k]}" for k in net.arch
+                             if net.arch[k] != networks[0].arch[k])
+            raise UsageError("--points", f"{specs[0][0]} and {ref} have different architectures ({diff})")
+    first, run_config = loaded[specs[0][0]]
+    try:
+        teacher = first.build_teacher()
+    except ValueError as err:
+        raise UsageError("--points", f"{specs[0][0]}: {err}") from None
+    labels = [f"{label} [{k}]" if labels.count(label) > 1 else label for k, label in enumerate(labels)]
+    return networks, teacher, run_config, labels
+
+
+def resolved_settings(args, networks, run_config) -> dict:
+    """Everything the numbers depend on; a rerun with the same settings resumes, other settings need --overwrite."""
+    refs = [str(Path(r).resolve()) if Path(r).exists() else r for r, _ in args.specs]
+    keys = ("coords", "scope", "resolution", "x_range", "y_range", "margin", "zoom", "zoom_on", "bn", "train_images",
+            "test_images", "subset_seed", "batch_size", "mixed_precision", "dataset", "image_column", "label_column",
+            "train_split", "test_split", "revision", "image_size", "probe_seed", "probe_epochs", "knn_k",
+            "knn_metric", "probe_standardized", "chunk_size")
+    return {"points": [[r, s] for r, (_, s) in zip(refs, args.specs)], "arch": networks[0].arch,
+            "temps": [(run_config or {}).get("teacher_temp", 1.0), (run_config or {}).get("student_temp", 1.0)],
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in keys}}
+
+
+def prepare_folder(out: Path, settings: dict, overwrite: bool, is_main: bool) -> None:
+    """Resume a landscape of the same settings; refuse (or, with --overwrite, discard) one of other settings."""
+    saved = out / "landscape.json"
+    if saved.exists():
+        previous = json.loads(saved.read_text()).get("settings")
+        if previous == settings:
+            return
+        if not overwrite:
+            changed = sorted(k for k in set(previous or {}) | set(settings)
+                             if (previous or {}).get(k) != settings.get(k))
+            raise UsageError("--output-dir", f"{out} holds a landscape of other settings ({', '.join(changed)}); "
+                                             "pass --overwrite to replace it, or another --output-dir")
+        if is_main:
+            for name in OUTPUTS:
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "chunks", ignore_errors=True)
+
+
+def subset(split, n: int | None, seed: int, flag: str, device):
+    """A fixed random subset of n images (all of them by default), in index order."""
+    if n is not None and n > len(split):
+        raise UsageError(flag, f"asked for {n} images but the split has {len(split)}")
+    index = torch.arange(len(split)) if n is None else \
+        torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    part = split.subset(index).to(device)
+    return part.images, part.labels
+
+
+def tidy(rows: list[dict]) -> pd.DataFrame:
+    """One row per (entry, metric): kind (point / grid), label, point index, ix, iy, x, y, metric, value."""
+    keys = ("kind", "label", "point", "ix", "iy", "x", "y")
+    return pd.DataFrame([{**{k: r[k] for k in keys}, "metric": m, "value": v}
+                         for r in rows for m, v in r["metrics"].items()])
+
+
+def report(out: Path, table: pd.DataFrame, meta: dict) -> None:
+    s = meta["settings"]
+    title = (f"{Path(s['dataset']).name}: {s['arch']['model']} (width {s['arch']['width']:g}), {s['coords']} plane"
+             f"{', encoder only' if s['scope'] == 'encoder' else ''}, BN {s['bn']}, "
+             f"{meta['images']['train']} train / {meta['images']['test']} test images")
+    plot_landscape(table, meta, out / "landscape.png", title)
+    points = table[table.kind == "point"].pivot_table(index="label", columns="metric", values="value", sort=False)
+    shown = [c for c in ("train/kl", "test/kl", "linear/test", "knn/test", "linear_std/test", "knn_std/test", "norm")
+             if c in points.columns]
+    print(f"\nAt the three points ({s['coords']} coordinates {meta['geometry']['points']}) -> {out}")
+    print(markdown_table(points[shown], digits=4))
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report_only:
+        out = Path(args.output_dir)
+        if not (out / "landscape.csv").exists():
+            raise UsageError("--output-dir", f"{out} holds no finished landscape (no landscape.csv)")
+        meta, table = json.loads((out / "landscape.json").read_text()), pd.read_csv(out / "landscape.csv")
+        report(out, table, meta)
+        return 0 if not args.push_to_hub or push_tables(out, OUTPUTS, args.push_to_hub, new_run_id(out.name),
+                                                        "landscape", args.hub_private, "landscape.py") else 1
+    started = time.time()
+    networks, teacher, run_config, labels = load_points(args.specs)
+    labels = args.labels or labels
+    taken = reuse_run_settings(args, run_config)
+    args.batch_size = args.batch_size or (run_config or {}).get("batch_size", 256)
+    settings = resolved_settings(args, networks, run_config)
+    arch = networks[0].arch
+    tag = hashlib.sha1(json.dumps([settings["points"], args.coords, args.scope]).encode()).hexdigest()[:8]
+    out = Path(args.output_dir or f"runs/landscape-{Path(args.dataset).name}-{arch['model']}-{args.coords}-{tag}")
+    check_output_dir("--output-dir", out)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    if args.mixed_precision == "no":  # KL near the teacher reaches ~1e-9: no TF32 round-off in convs and matmuls
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    prepare_folder(out, settings, args.overwrite, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if taken:
+        accelerator.print(f"using the first point's run settings {' '.join(taken)} (pass a flag to override)")
+    with accelerator.main_process_first():
+        data = load_dataset(args.dataset, args.image_column, args.label_column, args.train_split, args.test_split,
+                            args.revision, args.image_size, args.data_cache)
+    device = accelerator.device
+    splits = {"train": subset(data.train, args.train_images, args.subset_seed, "--train-images", device),
+              "test": subset(data.test, args.test_images, args.subset_seed, "--test-images", device)}
+
+    # ---- the plane, the grid and its chunks (they do not depend on the number of processes)
+    vectors = [flat_parameters(net, args.scope).to(device) for net in networks]
+    try:
+        plane = Plane(vectors, args.coords)
+    except CollinearPoints as err:
+        raise UsageError("--points", f"{err}: {' '.join(args.points)}") from None
+    xs, ys = grid_axes(plane.points.cpu(), args.resolution, args.margin, args.coords == "affine", args.x_range,
+                       args.y_range, args.zoom, args.zoom_on)
+    work = work_list(labels, plane.points.cpu(), xs, ys)
+    chunks = [work[i:i + args.chunk_size] for i in range(0, len(work), args.chunk_size)]
+    meta = {"settings": settings, "labels": labels, "coords": args.coords, "xs": xs, "ys": ys,
+            "geometry": plane.geometry(), "images": {k: len(v[0]) for k, v in splits.items()},
+            "environment": environment()}
+    if accelerator.is_main_process:
+        write_json(out / "landscape.json", meta)
+
+    # ---- this process's share of the chunks still missing; a finished chunk is never recomputed
+    # the main process lists what is missing, so every process splits the same list
+    todo = broadcast_object_list([pending_chunks(out, len(chunks)) if accelerator.is_main_process else None])[0]
+    mine = todo[accelerator.process_index::accelerator.num_processes]
+    evaluating = time.time()
+    if mine:
+        model = copy.deepcopy(teacher).to(device)  # buffers are the teacher's; parameters are set per point
+        evaluator = PointEvaluator(model, teacher.to(device), args.scope, splits,
+                                   Normalizer(data.mean, data.std, device), args.batch_size, args.bn,
+                                   tuple(settings["temps"]), data.num_classes, args, accelerator.autocast)
+        preempt = PreemptionSignal()
+        bar = tqdm(total=sum(len(chunks[i]) for i in mine), desc=f"landscape ({len(todo)}/{len(chunks)} chunks left)",
+                   disable=not accelerator.is_main_process)
+        try:
+            for i in mine:
+                rows = []
+                for entry in chunks[i]:
+                    theta = vectors[entry["point"]] if entry["kind"] == "point" else plane.at([entry["x"], entry["y"]])
+                    rows.append({**entry, "metrics": evaluator(theta)})
+                    bar.update()
+                    if preempt.received:
+                        accelerator.print(f"\n{preempt.received} received: the finished chunks are kept in "
+                                          f"{out}/chunks; rerun the same command to resume")
+                        return preempt.exit_status()
+                write_chunk(out, i, rows)
+        finally:
+            preempt.restore()
+            bar.close()
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return 0
+
+    # ---- gather every chunk into the table and the figure
+    rows = read_chunks(out, len(chunks))
+    for row in rows:  # --labels may change on a rerun: the names are drawn, not computed
+        row["label"] = labels[row["point"]] if row["kind"] == "point" else ""
+    table = tidy(rows)
+    evaluated = sum(len(chunks[i]) for i in todo)
+    meta["timing"] = {"wall_s": round(time.time() - started, 1), "points_evaluated": evaluated,
+                      "evaluation_s": round(time.time() - evaluating, 1), "world_size": accelerator.num_processes,
+                      "s_per_point": round((time.time() - evaluating) * accelerator.num_processes / evaluated, 3)
+                      if evaluated else None}
+    write_table(out / "landscape.csv", table)
+    write_json(out / "landscape.json", meta)
+    report(out, table, meta)
+    if args.push_to_hub and not push_tables(out, OUTPUTS, args.push_to_hub, new_run_id(out.name), "landscape",
+                                            args.hub_private, "landscape.py"):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

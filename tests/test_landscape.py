@@ -2,6 +2,7 @@
 that keeps distances, a grid that is not transposed, KL exactly 0 at the teacher, the loss at the student equal
 to the training code's, a 2-process grid equal to the 1-process one, a SIGTERM-interrupted grid resumed without
 recomputing finished chunks, and one-line errors for bad input."""
+import json
 import os
 import signal
 import subprocess
@@ -116,6 +117,10 @@ def test_fitted_affine_axes_hold_the_points_as_nodes_and_zoom_centres_on_a_point
     assert xs[-1] - xs[0] == pytest.approx(1.5 / 4)
     xs, _ = grid_axes(pts, (4, 4), 0.25, affine=False, x_range=(-0.3, 0.7))
     assert xs[0] == -0.3 and xs[-1] == 0.7
+    far = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.5, 40.0]], dtype=torch.float64)  # ortho: a tall, thin triangle
+    xs, ys = grid_axes(far, (5, 9), 0.25, affine=False)
+    assert xs[-1] - xs[0] == pytest.approx(ys[-1] - ys[0]) == pytest.approx(60.0)  # square window: true geometry
+    assert (xs[0] + xs[-1]) / 2 == pytest.approx(1.5) and (ys[0] + ys[-1]) / 2 == pytest.approx(20.0)
 
 
 def test_grid_array_rows_are_y_and_columns_are_x():
@@ -176,6 +181,23 @@ def test_the_other_bn_modes_zero_kl_at_the_teacher_only_when_both_networks_share
         assert (kl > 0).all()
     else:
         assert (kl == 0.0).all()
+
+
+def test_the_encoder_only_plane_moves_the_encoder_and_compares_embeddings(students, tiny_dataset, tmp_path):
+    from utils.hub import resolve_student
+    from utils.landscape import flat_parameters
+
+    table = run(students, tiny_dataset, tmp_path / "land", "--scope", "encoder", "--resolution", "2", "--x-range",
+                "0", "1", "--y-range", "0", "1")
+    student = resolve_student(str(students["a05"]))[0]
+    norms = table[(table.kind == "point") & (table.metric == "norm")].sort_values("point").value.tolist()
+    assert norms[0] == pytest.approx(flat_parameters(student.build_teacher(), "encoder").norm().item(), rel=1e-12)
+    assert norms[1] == pytest.approx(flat_parameters(student, "encoder").norm().item(), rel=1e-12)
+    dimension = json.loads((tmp_path / "land" / "landscape.json").read_text())["geometry"]["dimension"]
+    assert dimension == sum(p.numel() for p in student.encoder.parameters()) < len(flat_parameters(student, "full"))
+    kl = table[(table.point == 0) & table.metric.str.endswith("/kl")].value
+    assert len(kl) == 2 and (kl == 0.0).all()
+    assert (table[(table.point == 1) & table.metric.str.endswith("/kl")].value > 0).all()
 
 
 def test_loss_at_the_student_equals_the_training_codes_distillation_loss(students, tiny_dataset, tmp_path):

@@ -106,24 +106,29 @@ def unit_axis(n: int, margin: float) -> list[float] | None:
 def grid_axes(points: torch.Tensor, resolution: tuple[int, int], margin: float, affine: bool,
               x_range=None, y_range=None, zoom: float = 1.0, zoom_on: int = 0) -> tuple[list[float], list[float]]:
     """The x and y nodes: an explicit range, or fitted around the three points with `margin` (a fraction of their
-    extent on each side). Affine unzoomed grids put 0 and 1 on nodes, so the three points are grid nodes. `zoom`
-    > 1 shrinks the fitted window by that factor around point `zoom_on` (Figs. 16, 18)."""
-    axes = []
-    for dim, (given, n) in enumerate(zip((x_range, y_range), resolution)):
-        if given is not None:
-            axes.append(axis(given[0], given[1], n))
-            continue
+    extent on each side). Affine unzoomed grids put 0 and 1 on nodes, so the three points are grid nodes; fitted
+    ortho windows are square, so true distances look true. `zoom` > 1 shrinks the fitted window by that factor
+    around point `zoom_on` (Figs. 16, 18)."""
+    windows = []
+    for dim in range(2):
         values = points[:, dim].tolist()
         low, high = min(values), max(values)
-        if affine and zoom == 1.0 and (nodes := unit_axis(n, margin)) is not None:
-            axes.append(nodes)
-            continue
         pad = margin * (high - low)
-        low, high = low - pad, high + pad
-        if zoom != 1.0:
-            half, centre = (high - low) / (2 * zoom), values[zoom_on]
-            low, high = centre - half, centre + half
-        axes.append(axis(low, high, n))
+        windows.append([low - pad, high + pad])
+    if not affine:
+        half = max(high - low for low, high in windows) / 2
+        windows = [[(low + high) / 2 - half, (low + high) / 2 + half] for low, high in windows]
+    axes = []
+    for dim, (given, n, (low, high)) in enumerate(zip((x_range, y_range), resolution, windows)):
+        if given is not None:
+            axes.append(axis(given[0], given[1], n))
+        elif affine and zoom == 1.0 and (nodes := unit_axis(n, margin)) is not None:
+            axes.append(nodes)
+        else:
+            if zoom != 1.0:
+                half, centre = (high - low) / (2 * zoom), points[zoom_on, dim].item()
+                low, high = centre - half, centre + half
+            axes.append(axis(low, high, n))
     return axes[0], axes[1]
 
 
@@ -263,7 +268,7 @@ PANEL_TITLES = {"train/kl": "KL to the teacher, train", "test/kl": "KL to the te
 
 def plot_landscape(table, meta: dict, path: Path, title: str) -> None:
     """Fig. 6 style: KL heatmaps on a log colour scale and probe-accuracy heatmaps, white ||theta|| contours,
-    the three points marked and labelled. Rows of the image are y, columns x (imshow origin='lower')."""
+    the three points marked (and named in one legend). Rows of the image are y, columns x (imshow origin='lower')."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,10 +301,7 @@ def plot_landscape(table, meta: dict, path: Path, title: str) -> None:
                            alpha=0.8)
         ax.clabel(lines, fontsize=6, fmt="%.3g")
         for marker, (_, p) in zip("o^s", points.iterrows()):
-            ax.plot(p.x, p.y, marker, color="red", markeredgecolor="white", markersize=7)
-            right = p.x > (extent[0] + extent[1]) / 2  # labels point inwards, so none leaves the panel
-            ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(-6 if right else 6, 6),
-                        ha="right" if right else "left", color="white", fontsize=8, fontweight="bold")
+            ax.plot(p.x, p.y, marker, color="red", markeredgecolor="white", markersize=7, label=p.label)
         ax.set(title=PANEL_TITLES[metric], xlim=extent[:2], ylim=extent[2:], xlabel=f"x ({meta['coords']})",
                ylabel=f"y ({meta['coords']})")
         if meta["coords"] == "ortho":
@@ -307,7 +309,9 @@ def plot_landscape(table, meta: dict, path: Path, title: str) -> None:
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper center", ncol=3, fontsize=9, frameon=False,
+               bbox_to_anchor=(0.5, 0.965))  # one legend for the three points: labels never hide the map
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

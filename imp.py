@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import ArgumentParser, UsageError, check_output_dir, check_range, main_guard
+from utils.cli import ArgumentParser, UsageError, check_range, check_report_folder, main_guard
 from utils.recipe import SCOPES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("imp_table.csv", "imp_summary.csv", "imp.png")
@@ -58,10 +58,7 @@ def parse_args(argv=None):
         if not 0 <= epoch < args.epochs:
             raise UsageError("--rewind-epochs", f"rewind epoch {epoch} is beyond the run: must be in "
                                                 f"[0, --epochs - 1 = {args.epochs - 1}]")
-    if args.output_dir and not args.report_only:
-        check_output_dir("--output-dir", Path(args.output_dir))
-    if args.report_only and not args.output_dir:
-        raise UsageError("--output-dir", "name the IMP folder to report on")
+    check_report_folder(args, "IMP")
     return args
 
 

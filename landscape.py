@@ -20,8 +20,8 @@ import hashlib
 import sys
 from pathlib import Path
 
-from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, check_output_dir, count, main_guard,
-                       positive)
+from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, check_output_dir, check_report_folder,
+                       count, main_guard, positive)
 
 SELECTORS = ("teacher", "init", "student")
 BN_MODES = ("batch", "eval", "recompute", "distill")
@@ -89,9 +89,8 @@ def parse_args(argv=None):
     r.add_argument("--push-to-hub", metavar="REPO", help="upload table, settings and figure to landscape/<id>/")
     r.add_argument("--hub-private", action="store_true")
     args = p.parse_args(argv)
+    check_report_folder(args, "landscape")
     if args.report_only:
-        if not args.output_dir:
-            raise UsageError("--output-dir", "name the landscape folder to report on")
         return args
     if not args.points:
         raise UsageError("--points", "required: three REF[:teacher|init|student]")
@@ -104,8 +103,6 @@ def parse_args(argv=None):
             raise UsageError(flag, f"MIN must be below MAX, got {given[0]:g} {given[1]:g}")
     if args.zoom != 1.0 and args.x_range and args.y_range:
         raise UsageError("--zoom", "zooms the fitted window; with both ranges given, set them directly")
-    if args.output_dir:
-        check_output_dir("--output-dir", Path(args.output_dir))
     return args
 
 

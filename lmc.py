@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import ArgumentParser, UsageError, check_output_dir, check_range, main_guard
+from utils.cli import ArgumentParser, UsageError, check_range, check_report_folder, main_guard
 from utils.recipe import BN_MODES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("lmc_table.csv", "lmc_curves.csv", "lmc_summary.csv", "lmc.png")
@@ -59,10 +59,7 @@ def parse_args(argv=None):
         raise UsageError("--checkpoint", "give --checkpoint FILE exactly when --starts includes checkpoint")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise UsageError("--checkpoint", f"no such file {args.checkpoint!r}")
-    if args.output_dir and not args.report_only:
-        check_output_dir("--output-dir", Path(args.output_dir))
-    if args.report_only and not args.output_dir:
-        raise UsageError("--output-dir", "name the LMC folder to report on")
+    check_report_folder(args, "LMC")
     return args
 
 

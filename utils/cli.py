@@ -256,6 +256,14 @@ def output_problem(path: Path) -> str | None:
     return None
 
 
+def check_report_folder(args, what: str) -> None:
+    """--output-dir of a script with --report-only: required to report on, and able to hold results otherwise."""
+    if args.report_only and not args.output_dir:
+        raise UsageError("--output-dir", f"name the {what} folder to report on")
+    if args.output_dir and not args.report_only:
+        check_output_dir("--output-dir", Path(args.output_dir))
+
+
 def check_output_dir(flag: str, path: Path) -> Path:
     """Raise a UsageError naming `flag` unless `path` can hold the results; creates nothing."""
     problem = output_problem(path)

@@ -214,18 +214,18 @@ class PointEvaluator:
         if self.recompute:  # the teacher's statistics from the same images, so at theta_T both are identical
             teacher = copy.deepcopy(teacher)
             self._recompute_bn(teacher)
-        self.targets = {name: soft_targets(self._pass(teacher, images, bn == "batch")[0], temps[0])
+        head = with_constant_weight_norm(teacher.head)
+        self.targets = {name: soft_targets(self._pass(teacher, head, images, bn == "batch")[0], temps[0])
                         for name, (images, _) in splits.items()}
 
     def _recompute_bn(self, net) -> None:
         recompute_bn_stats(net.encoder, self.splits["train"][0], self.normalize, self.batch_size)
 
     @torch.no_grad()
-    def _pass(self, net, images, batch_stats: bool, targets=None):
+    def _pass(self, net, head, images, batch_stats: bool, targets=None):
         """Outputs (no targets) or per-split (CE sum, KL sum) in float64 against `targets`, and the embeddings."""
         outputs, embeddings = [], []
         ce = kl = torch.zeros((), dtype=torch.float64, device=images.device)
-        head = with_constant_weight_norm(net.head)  # normalise the 65,536 x 256 rows once per point, not per batch
         with bn_statistics(net, batch_stats), self.autocast():
             for start in range(0, len(images), self.batch_size):
                 idx = slice(start, start + self.batch_size)  # views, not gathers: fixed, unshuffled batches
@@ -251,8 +251,10 @@ class PointEvaluator:
         if self.recompute:
             self._recompute_bn(self.model)
         metrics, embeddings = {"norm": float(theta.norm())}, {}
+        head = with_constant_weight_norm(self.model.head)  # the 65,536 x 256 rows normalised once per point
         for name, (images, _) in self.splits.items():
-            (ce, kl), embeddings[name] = self._pass(self.model, images, self.student_batch_stats, self.targets[name])
+            (ce, kl), embeddings[name] = self._pass(self.model, head, images, self.student_batch_stats,
+                                                    self.targets[name])
             metrics[f"{name}/ce"], metrics[f"{name}/kl"] = (ce / len(images)).item(), (kl / len(images)).item()
         labels = {name: y for name, (_, y) in self.splits.items()}
         probes = probe_features((embeddings["train"], labels["train"]), {"test": (embeddings["test"], labels["test"])},

@@ -94,7 +94,7 @@ def test_orthonormal_basis_keeps_distances_and_its_origin_is_the_point_closest_t
             (vectors[i] - vectors[j]).norm().item(), rel=1e-12)
     assert (plane.basis.T @ plane.origin).abs().max().item() < 1e-10  # 0 projects to (0, 0)
     assert plane.at([0, 0]).norm() < min(v.norm() for v in vectors)
-    assert plane.points[1, 0] > plane.points[0, 0] and plane.points[1, 1] == pytest.approx(plane.points[0, 1])
+    assert plane.points[1, 0] > plane.points[0, 0] and plane.points[1, 1].item() == pytest.approx(plane.points[0, 1].item())
     assert plane.points[2, 1] > plane.points[0, 1]  # y towards the third point
 
 
@@ -156,7 +156,7 @@ def test_grid_is_not_transposed_and_each_points_cell_holds_its_own_metrics(grid)
             z = grid_array(table, metric, 5, 3)
             assert z[iy, ix].item() == pytest.approx(anchor[metric], rel=1e-6, abs=1e-9), (k, metric)
     z = grid_array(table, "train/kl", 5, 3)
-    assert z[0, 4] != pytest.approx(z[2, 2], rel=1e-3)  # the two students differ, so a transpose would show
+    assert float(z[0, 4]) != pytest.approx(float(z[2, 2]), rel=1e-3)  # the two students differ, so a transpose would show
     assert (out / "landscape.png").stat().st_size > 10_000 and (out / "landscape.json").exists()
 
 

@@ -242,3 +242,13 @@ def test_categorical_sweeps_are_points_numeric_sweeps_are_lines(x, values, joine
     assert keys == ["student best", "teacher"] and len(table) == 6
     styles = {line.get_linestyle() for line in ax.lines if line.get_marker() in ("o", "s", "^")}  # not the caps
     assert styles and (("None" not in styles) if joined else (styles == {"None"}))
+
+
+@pytest.mark.parametrize("grid", [g for g in available() if "runs_of" in load_grid(g)])
+def test_grids_that_share_runs_name_points_of_the_grid_they_share(grid):
+    """Tables 2-4 and Fig. 1 add no training: each of their points is a point (same folder, same arguments) of
+    the grid whose runs they read, in full and tiny form."""
+    for tiny in (False, True):
+        spec = load_grid(grid, tiny)
+        owner = {p.name: p.args for p in points(load_grid(spec["runs_of"], tiny))}
+        assert all(owner.get(p.name) == p.args for p in points(spec)), (grid, tiny)

@@ -8,6 +8,8 @@
 
 Grids live in accelerate_configs/experiments/<name>.yaml. Every point is a train_distill.py run folder with a
 stable name: finished points are skipped, interrupted ones resume from their checkpoints, failed ones rerun.
+Each cell is repeated over `--repeat` (3 repetitions, each with its own random teacher, student init, data order
+and probe seed); `report` gives mean ± std and n across them, with the paper's numbers beside them.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from conftest import ROOT
 from utils.aggregate import sweep
 from utils.cli import repetition_seeds
 from utils.costs import network_flop, point_cost
-from utils.grids import as_flags, available, commands, load_grid, points
+from utils.grids import available, commands, load_grid, points
 
 MINI = {"fixed": {"model": "vgg11", "width": 0.25, "hidden_dims": [32], "bottleneck_dim": 8, "out_dim": 64,
                   "batch_size": 64, "epochs": 1, "probe_epochs": 2, "log_every": 0, "probe_every": 0},

@@ -243,7 +243,9 @@ def sweep(ax, cfg: dict, own: pd.DataFrame, paper: dict) -> tuple[pd.DataFrame, 
         name = f"{hue}={label}" if hue else ""
         for key in keys:
             marker, line = {"student final": ("o", "-"), "student best": ("s", ":"), "teacher": ("^", "--")}[key]
-            ax.errorbar(xs, frame[f"{key} mean"], yerr=frame[f"{key} std"].fillna(0), marker=marker,
+            # side by side within a category, so error bars do not hide each other
+            key_xs = xs if numeric else [x_ + 0.05 * (keys.index(key) - (len(keys) - 1) / 2) for x_ in xs]
+            ax.errorbar(key_xs, frame[f"{key} mean"], yerr=frame[f"{key} std"].fillna(0), marker=marker,
                         ls=line if numeric else "none", capsize=3, color=color,
                         mfc="none" if key == "teacher" else color, label=f"{key}, {name}" if hue else key)
         for subject, marker in (("student", "*"), ("teacher", "P")):

@@ -8,6 +8,8 @@
 
 Grids live in accelerate_configs/experiments/<name>.yaml. Every point is a train_distill.py run folder with a
 stable name: finished points are skipped, interrupted ones resume from their checkpoints, failed ones rerun.
+Each cell is repeated over `--repeat` (3 repetitions, each with its own random teacher, student init, data order
+and probe seed); `report` gives mean ± std and n across them, with the paper's numbers beside them.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import sys
 from pathlib import Path
 
 from utils.cli import ArgumentParser, UsageError, check_output_dir, count, main_guard
-from utils.grids import available, commands, finished, gpu_hours, load_grid, points, run_dir, same_arguments, shell
+from utils.costs import method_line, point_cost
+from utils.grids import available, commands, finished, load_grid, points, run_dir, same_arguments, shell
 from utils.results import read_config
 
 ROOT = Path(__file__).resolve().parent  # the scripts it runs live here
@@ -33,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="the grid's small digits version (runs on 2 CPU cores)")
     p.add_argument("--runs", default="runs/reproduce", help="where the grids' run folders live")
     p.add_argument("--point", type=count(0), help="only this point (0-based; a Slurm array task id)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands (and the derived GPU-hours), run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the commands and their derived GPU-hours (a low-high range), run nothing")
     p.add_argument("--slurm", action="store_true", help=f"submit the grid as a Slurm job array ({SLURM_SCRIPT})")
     p.add_argument("--launcher", default=None,
                    help="what runs each script instead of this Python, e.g. 'accelerate launch --num_processes 8'")
@@ -59,6 +63,22 @@ def call_forwarding_signals(cmd: list[str]) -> int:
     return 128 + received[0] if received else status
 
 
+def print_costs(spec, pts) -> None:
+    """The grid's derived GPU-hours as a range, the probing share, and how they were derived."""
+    costs = [point_cost(p.args, p.probe_on) for p in pts]
+    total = sum(costs[1:], costs[0])
+    low, high = total.hours()
+    print(f"# total: {len(pts)} points, {low:.1f}-{high:.1f} GPU-hours; probing is {total.probe_flop / total.flop:.0%} "
+          f"of the FLOPs and {total.probe_steps:,} linear-probe steps")
+    if spec.get("runs_of", spec["name"].removesuffix("-tiny")) != spec["name"].removesuffix("-tiny"):
+        own = [point_cost(p.args) for p in pts]
+        shared_low, shared_high = sum(own[1:], own[0]).hours()
+        print(f"# of which {shared_low:.1f}-{shared_high:.1f} GPU-h are the {spec['runs_of']} runs this grid "
+              "shares (already done if that grid ran)")
+    for precision in sorted({p.args.get("mixed_precision") or "no" for p in pts}):
+        print(f"# {method_line(precision)}")
+
+
 def run(args, spec, pts) -> int:
     if args.slurm:
         submit = ["sbatch", f"--array=0-{len(pts) - 1}", SLURM_SCRIPT, args.grid, *(["--tiny"] if args.tiny else []),
@@ -66,23 +86,24 @@ def run(args, spec, pts) -> int:
         print(shell(submit))
         return 0 if args.dry_run else subprocess.call(submit)
     launcher = args.launcher.split() if args.launcher else None
-    failed = []
+    failed, total = [], len(points(spec))
     for point in pts:
         folder = run_dir(Path(args.runs), spec, point)
         cmds = commands(point, folder if args.dry_run else folder.resolve(), launcher)
         if args.dry_run:
-            print(f"# point {point.index}: {point.name} (derived: {gpu_hours(point):.2f} GPU-h)")
+            low, high = point_cost(point.args, point.probe_on).hours()
+            print(f"# point {point.index}: {point.name} (derived: {low:.2f}-{high:.2f} GPU-h)")
             print("\n".join(shell(["python", *c[1:]] if c[0] == sys.executable else c) for c in cmds))
             continue
         if finished(point, folder):
-            print(f"[{point.index + 1}/{len(pts)}] {point.name}: finished, skipped")
+            print(f"[{point.index + 1}/{total}] {point.name}: finished, skipped")
             continue
         if (folder / "summary.json").exists() and not same_arguments(point, read_config(folder) or {}):
-            print(f"[{point.index + 1}/{len(pts)}] {point.name}: {folder} holds a finished run of other arguments "
+            print(f"[{point.index + 1}/{total}] {point.name}: {folder} holds a finished run of other arguments "
                   "(the grid file changed?); delete it to rerun the point")
             failed.append(point.name)
             continue
-        print(f"[{point.index + 1}/{len(pts)}] {point.name}", flush=True)
+        print(f"[{point.index + 1}/{total}] {point.name}", flush=True)
         for cmd in cmds:
             status = call_forwarding_signals(cmd)
             if status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1):  # checkpointed: stop, resume on rerun
@@ -92,8 +113,7 @@ def run(args, spec, pts) -> int:
                 failed.append(point.name)
                 break
     if args.dry_run:
-        print(f"# total: {len(pts)} points, {sum(map(gpu_hours, pts)):.1f} GPU-hours derived from FLOP counts at "
-              "77 TFLOP/s (A100-class; not measured)")
+        print_costs(spec, pts)
         return 0
     if failed:
         print(f"{len(failed)} point(s) failed: {', '.join(failed)}; rerun the same command to retry them")

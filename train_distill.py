@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from utils.choices import ENCODERS, LOSSES, NORMS, parse_bottleneck
-from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, check_image_size, check_output_dir,
-                       count, fraction, main_guard, non_negative, positive)
+from utils.cli import (REPETITION_RULE, ArgumentParser, UsageError, add_data_args, add_probe_args, apply_repetition,
+                       check_image_size, check_output_dir, count, fraction, main_guard, non_negative, positive)
 
 
 def parse_args(argv=None):
@@ -44,9 +44,13 @@ def parse_args(argv=None):
     t = p.add_argument_group("teacher, student and objective")
     t.add_argument("--alpha", type=fraction, default=1e-10,
                    help="locality of the student's init, in [0, 1]: student = (1 - alpha) teacher + alpha fresh init")
-    t.add_argument("--teacher-seed", type=count(0), default=0, help="seed of the random teacher's init")
-    t.add_argument("--student-seed", type=count(0), default=1,
-                   help="seed of the fresh init mixed into the student with weight alpha")
+    t.add_argument("--repeat", type=count(0), default=0, metavar="R",
+                   help=f"repetition index R: draws every random choice anew ({REPETITION_RULE}); a seed flag "
+                        "given explicitly overrides its derived value. config.json records the effective seeds. "
+                        "R = 0 gives teacher 0, student 1, data 0, probe 0")
+    t.add_argument("--teacher-seed", type=count(0), help="seed of the random teacher's init (default: 2R)")
+    t.add_argument("--student-seed", type=count(0),
+                   help="seed of the fresh init mixed into the student with weight alpha (default: 2R + 1)")
     t.add_argument("--loss", choices=LOSSES, default="ce",
                    help="ce: cross-entropy to the teacher's softmax (the paper's); kl: its KL form (same gradient); "
                         "mse: squared error of the raw outputs")
@@ -59,8 +63,8 @@ def parse_args(argv=None):
     o.add_argument("--weight-decay", type=non_negative, default=0.0, help="AdamW decay of weights with >= 2 dims")
     o.add_argument("--bias-weight-decay", type=non_negative, default=0.0,
                    help="AdamW decay of biases and norm parameters (the official code silently used 0.01)")
-    o.add_argument("--seed", type=count(0), default=0, help="seed of the data order, subsets, validation split and "
-                                                            "noise inputs")
+    o.add_argument("--seed", type=count(0), help="seed of the data order, subsets, validation split and noise "
+                                                 "inputs (default: R)")
     d = add_data_args(p, default_dataset="cifar10")
     d.add_argument("--train-subset", type=count(1), help="distil on a class-balanced subset of this many images "
                                                          "(default: all; probes always use all)")
@@ -68,7 +72,7 @@ def parse_args(argv=None):
                    help="distil on a fixed set of N(0,1) images instead (probing still uses clean data)")
     d.add_argument("--val-size", type=count(0), default=0,
                    help="hold out this many training images; also report test accuracy at the best-val epoch")
-    g = add_probe_args(p)
+    g = add_probe_args(p, repeated=True)
     g.add_argument("--probe-every", type=count(0), default=1,
                    help="probe the student every N epochs (0: only before training and at the end)")
     r = p.add_argument_group("run folder, logging and checkpoints")
@@ -108,6 +112,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.push_only:
         return args
+    apply_repetition(args)  # from here on args holds the effective seeds, however they were derived
     args.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and args.model == "resnet18")
     if args.width > 16:
         raise UsageError("--width", f"must be in (0, 16], got {args.width:g}")
@@ -152,10 +157,12 @@ from utils.results import (MetricLog, discard_run, environment, format_table, pl
                            summarize, write_json, write_table)
 
 
-# Arguments that may differ between an interrupted run and its resumption; every other one must match.
+# Arguments that may differ between an interrupted run and its resumption; every other one must match. `repeat`
+# only derives seeds: the effective seeds it gave are compared instead, so `--repeat 1` and `--repeat 1
+# --teacher-seed 2` are one run, and folders made before --repeat existed (no `repeat` key) still match.
 RESUMABLE_CHANGES = {"epochs", "output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "push_only",
                      "checkpoint_every", "keep_checkpoints", "log_every", "log_dynamics", "probe_batch_size",
-                     "data_cache"}
+                     "data_cache", "repeat"}
 
 
 def push_only(args) -> int:

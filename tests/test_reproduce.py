@@ -1,25 +1,34 @@
-"""reproduce.py: grids expand to stable points whose flags train_distill.py accepts; `run` skips finished points;
-`report` aggregates exactly what the run folders hold, from local folders and from a (fake) Hub repo; the Slurm
-array's task id picks the same point as `--point`."""
+"""reproduce.py: grids expand to stable points whose flags train_distill.py (and probe.py) accept, repeating over
+random teachers; the paper's numbers in the grid files are the paper's; `run` skips finished points; `report`
+aggregates exactly what the run folders hold (mean, sample std and n across teachers, numeric report.csv), from
+local folders and from a (fake) Hub repo; the Slurm array's task id picks the same point as `--point`; the dry
+run's GPU-hours count training and probing."""
 import json
+import math
+import re
 import shutil
 import subprocess
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 import yaml
 
+import probe
 import reproduce
 import train_distill
 import utils.grids
 import utils.hub
 from conftest import ROOT
-from utils.grids import as_flags, available, load_grid, points
+from utils.aggregate import sweep
+from utils.cli import repetition_seeds
+from utils.costs import network_flop, point_cost
+from utils.grids import available, commands, load_grid, points
 
-MINI = {"fixed": {"model": "flatten", "hidden_dims": [32], "bottleneck_dim": 8, "out_dim": 64, "batch_size": 64,
-                  "epochs": 1, "probe_epochs": 2, "log_every": 0, "probe_every": 0},
-        "grid": {"alpha": [1.0], "seed": [0, 1]},
-        "report": {"kind": "sweep", "x": "alpha", "probe": "knn", "title": "mini"}}
+MINI = {"fixed": {"model": "vgg11", "width": 0.25, "hidden_dims": [32], "bottleneck_dim": 8, "out_dim": 64,
+                  "batch_size": 64, "epochs": 1, "probe_epochs": 2, "log_every": 0, "probe_every": 0},
+        "grid": {"repeat": [0, 1]},
+        "report": {"kind": "table", "rows": ["model"], "probe": "linear", "title": "mini"}}
 
 
 @pytest.mark.parametrize("grid", available())
@@ -28,11 +37,64 @@ def test_every_grid_expands_to_points_train_distill_accepts(grid, tmp_path):
         spec = load_grid(grid, tiny)
         pts = points(spec)
         assert pts and len({p.name for p in pts}) == len(pts)
+        # repetitions draw new teachers: a grid repeats over --repeat (3 like the paper, 2 in tiny versions)
+        assert "seed" not in spec["grid"] and len(spec["grid"]["repeat"]) >= (2 if tiny else 3)
         for p in pts:
-            args = train_distill.parse_args(as_flags(p.args) + ["--output-dir", str(tmp_path / p.name)])
+            cmds = commands(p, tmp_path / p.name)
+            assert cmds[0][1] == p.script == "train_distill.py"
+            args = train_distill.parse_args(cmds[0][2:])
             assert all(getattr(args, k) == v or (k == "channels_last") for k, v in p.args.items()), p.name
-    if spec["report"]["kind"] == "table":
-        assert load_grid(grid)["report"]["paper"]  # the paper's numbers sit beside the measured ones
+            assert {k: getattr(args, k) for k in ("teacher_seed", "student_seed", "seed", "probe_seed")} == \
+                repetition_seeds(p.args["repeat"])
+            for cmd in cmds[1:]:  # the transfer probes
+                assert probe.parse_args(cmd[2:]).dataset in p.probe_on
+
+
+def paper_tables() -> dict[str, list[list[float]]]:
+    """The numbers of each row of the paper's Tables 1-4 (tests/paper_tables.txt, verbatim from the paper)."""
+    tables, name = {}, None
+    for line in (ROOT / "tests" / "paper_tables.txt").read_text().splitlines():
+        if line.startswith("== "):
+            name = line.split()[2]
+            tables[name] = []
+        elif name and re.search(r"\d\.\d\d", line):
+            tables[name].append([float(v) for v in re.findall(r"\d+\.\d\d", line)])
+    return tables
+
+
+def cells_of(table: str, rows: list[list[float]]) -> dict[str, dict[str, float]]:
+    """The paper's cells keyed like the grid files: `<dataset>/<model>: {subject: value}`."""
+    datasets = ["cifar10", "cifar100", "stl10", "tinyimagenet"]
+    cells = {}
+    if table in ("1", "3"):  # rows ResNet18 (teacher, student), VGG11 (teacher, student, input once per dataset)
+        for d, (r18, vgg) in zip(datasets, zip(rows[::2], rows[1::2])):
+            cells[f"{d}/resnet18"] = {"teacher": r18[0], "student": r18[1], "input": vgg[2]}
+            cells[f"{d}/vgg11"] = {"teacher": vgg[0], "student": vgg[1], "input": vgg[2]}
+    elif table == "2":  # one row per dataset: teachers (ResNet18, VGG11), students (ResNet18, VGG11)
+        for d, row in zip(datasets, rows):
+            cells[f"{d}/resnet18"] = {"teacher": row[0], "student": row[2]}
+            cells[f"{d}/vgg11"] = {"teacher": row[1], "student": row[3]}
+    else:  # Table 4: one row per dataset and model
+        for (d, model), row in zip([(d, m) for d in datasets for m in ("resnet18", "vgg11")], rows):
+            cells[f"{d}/{model}"] = {"teacher": row[0], "student": row[1]}
+    return cells
+
+
+@pytest.mark.parametrize("grid", [g for g in available() if g.startswith("table")])
+def test_every_table_quotes_every_cell_the_paper_prints_and_nothing_else(grid):
+    table = grid[len("table")]
+    paper = cells_of(table, paper_tables()[table])
+    assert sum(len(v) for v in paper.values()) == {"1": 24, "2": 12, "3": 24, "4": 12}[table]  # every printed cell
+    assert load_grid(grid)["report"]["paper"] == paper
+    assert load_grid(grid, tiny=True)["report"]["paper"] == {}  # never beside a CPU proxy on other data
+
+
+def test_figure_paper_markers_are_table1_cells():
+    table1 = cells_of("1", paper_tables()["1"])
+    for grid, at in (("fig4", "1e-10"), ("fig11", "65536")):
+        for key, values in load_grid(grid)["report"]["paper"].items():
+            model, x = key.split("/")
+            assert x == at and values.items() <= table1[f"cifar10/{model}"].items()
 
 
 @pytest.fixture
@@ -59,28 +121,46 @@ def counting_popen(monkeypatch) -> list:
 def test_run_skips_finished_points_and_report_matches_the_run_folders(mini, tmp_path, capsys, monkeypatch):
     launched = counting_popen(monkeypatch)
     assert reproduce.main(["run", "mini", "--runs", str(mini), "--point", "1"]) == 0  # as if stopped after it
-    first = mini / "mini" / "alpha-1_seed-1"
+    first = mini / "mini" / "repeat-1"
     stamp = (first / "summary.json").stat().st_mtime_ns
+
+    # one repetition: numbers without ±, n = 1, std undefined (empty in the CSV)
+    assert reproduce.main(["report", "mini", "--runs", str(mini)]) == 0
+    md = (mini / "mini" / "report.md").read_text()
+    assert "±" not in md.split("\n\n")[1] and "| 1 |" in md
+    single = pd.read_csv(mini / "mini" / "report.csv")
+    assert (single["teacher n"] == 1).all() and single["teacher std"].isna().all()
+
     assert reproduce.main(["run", "mini", "--runs", str(mini)]) == 0
-    assert len(launched) == 2 and sum("alpha-1_seed-1" in " ".join(c) for c in launched) == 1  # not redone
+    assert len(launched) == 2 and sum("repeat-1" in " ".join(c) for c in launched) == 1  # not redone
     assert (first / "summary.json").stat().st_mtime_ns == stamp
     assert reproduce.main(["run", "mini", "--runs", str(mini)]) == 0 and len(launched) == 2  # all skipped
     capsys.readouterr()
     assert reproduce.main(["status", "mini", "--runs", str(mini)]) == 0
     assert "2/2 finished" in capsys.readouterr().out
 
+    # two repetitions, two random teachers: the report's mean, std and n are those of the run folders
+    configs = [json.loads((mini / "mini" / f"repeat-{r}" / "config.json").read_text()) for r in (0, 1)]
+    assert [c["teacher_seed"] for c in configs] == [0, 2]
     assert reproduce.main(["report", "mini", "--runs", str(mini)]) == 0
-    table = pd.read_csv(mini / "mini" / "report.csv").set_index("alpha")
-    for alpha in (1.0,):
-        best = [100 * json.loads((mini / "mini" / f"alpha-{alpha:g}_seed-{s}" / "summary.json").read_text())
-                ["probes"]["student"]["knn"]["best"] for s in (0, 1)]
-        expected = f"{pd.Series(best).mean():.2f} ± {pd.Series(best).std(ddof=0):.2f}"
-        assert table.loc[alpha, "student"] == expected
-    assert (mini / "mini" / "report.png").stat().st_size > 0 and (mini / "mini" / "report.md").exists()
+    table = pd.read_csv(mini / "mini" / "report.csv").set_index("model")
+    numeric = [c for c in table.columns if c.split()[-1] in ("mean", "std", "n")]
+    assert len(numeric) == 9 and all(pd.api.types.is_numeric_dtype(table[c]) for c in numeric)
+    for subject in ("teacher", "student", "input"):
+        values = pd.Series([100 * json.loads((mini / "mini" / f"repeat-{r}" / "summary.json").read_text())
+                            ["probes"][subject]["linear"]["best"] for r in (0, 1)])
+        assert table.loc["vgg11", f"{subject} mean"] == pytest.approx(values.mean())
+        assert table.loc["vgg11", f"{subject} std"] == pytest.approx(values.std(ddof=1))
+        assert table.loc["vgg11", f"{subject} n"] == 2
+    assert table.loc["vgg11", "teacher std"] > 0  # two teachers, two teacher probes
+    md = (mini / "mini" / "report.md").read_text()
+    teacher = table.loc["vgg11"]
+    assert f"{teacher['teacher mean']:.2f} ± {teacher['teacher std']:.2f}" in md
+    assert (mini / "mini" / "report.png").stat().st_size > 0
 
     # the same runs, pushed to a Hub repo (folders named by run id), read back through the Hub seam
     fake = tmp_path / "hub"
-    for folder in (mini / "mini").glob("alpha-*"):
+    for folder in (mini / "mini").glob("repeat-*"):
         run_id = json.loads((folder / "config.json").read_text())["run_id"]
         (fake / "runs" / run_id).mkdir(parents=True)
         for name in ("config.json", "summary.json"):
@@ -100,11 +180,14 @@ def test_run_skips_finished_points_and_report_matches_the_run_folders(mini, tmp_
 
 def test_slurm_array_task_id_maps_to_the_same_point_as_dry_run(mini, capsys):
     assert reproduce.main(["run", "mini", "--runs", str(mini), "--dry-run"]) == 0
-    def point_blocks(text):
-        return "\n".join(line for line in text.splitlines() if not line.startswith("# total")).split("# point ")[1:]
+    def point_blocks(text):  # without the closing cost summary ("# total", "# derived ...")
+        kept = [line for line in text.splitlines() if not line.startswith("# ") or line.startswith("# point ")]
+        return "\n".join(kept).split("# point ")[1:]
 
-    blocks = point_blocks(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    blocks = point_blocks(printed)
     assert len(blocks) == 2
+    assert "derived, not measured" in printed and re.search(r"# total: 2 points, [\d.]+-[\d.]+ GPU-hours", printed)
     for i in range(2):
         assert reproduce.main(["run", "mini", "--runs", str(mini), "--dry-run", "--point", str(i)]) == 0
         assert point_blocks(capsys.readouterr().out) == [blocks[i].rstrip("\n")]
@@ -129,3 +212,43 @@ def test_bad_grid_and_point_are_one_line_errors(mini, capsys):
             reproduce.main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == 1 and flag in err[0], err
+
+
+def test_derived_costs_count_probing_and_the_precision():
+    base = {"dataset": "cifar10", "model": "resnet18", "epochs": 150}
+    encoder, head = network_flop(base, 32)
+    assert encoder == 1.111e9 and head == pytest.approx(45.1e6, rel=0.01)  # the measured forward FLOPs
+    every_epoch, end_only = point_cost(base), point_cost(base | {"probe_every": 0})
+    # probing every epoch: 149 more student probes (features of 60,000 images, one 10k x 50k k-NN search each)
+    assert every_epoch.flop - end_only.flop == pytest.approx(149 * (60_000 * encoder + 2 * 10_000 * 50_000 * 512))
+    # linear-probe steps: the student at init and after 150 epochs, the teacher, the pixels; 10 epochs of 196 batches
+    assert every_epoch.probe_steps == (151 + 1 + 1) * 10 * math.ceil(50_000 / 256)
+    low, high = every_epoch.hours()
+    assert 0 < low < high
+    bf16_low, bf16_high = point_cost(base | {"mixed_precision": "bf16"}).hours()
+    assert bf16_low < low and bf16_high < high
+    transfer = point_cost(base, ("cifar10",))
+    assert transfer.flop > every_epoch.flop and transfer.commands == 2
+
+
+@pytest.mark.parametrize("x,values,joined", [("norm", ["batch", "group", "none"], False), ("alpha", [0.0, 0.1, 1.0],
+                                                                                           True)])
+def test_categorical_sweeps_are_points_numeric_sweeps_are_lines(x, values, joined):
+    rows = [{x: v, "model": m, "subject": s, "best": b, "final": b, "point": f"{m}-{v}"}
+            for v in values for m in ("resnet18", "vgg11") for s, b in (("student", 40.0), ("teacher", 30.0))]
+    fig, ax = plt.subplots()
+    table, keys = sweep(ax, {"x": x, "hue": "model"}, pd.DataFrame(rows), {})
+    plt.close(fig)
+    assert keys == ["student best", "teacher"] and len(table) == 6
+    styles = {line.get_linestyle() for line in ax.lines if line.get_marker() in ("o", "s", "^")}  # not the caps
+    assert styles and (("None" not in styles) if joined else (styles == {"None"}))
+
+
+@pytest.mark.parametrize("grid", [g for g in available() if "runs_of" in load_grid(g)])
+def test_grids_that_share_runs_name_points_of_the_grid_they_share(grid):
+    """Tables 2-4 and Fig. 1 add no training: each of their points is a point (same folder, same arguments) of
+    the grid whose runs they read, in full and tiny form."""
+    for tiny in (False, True):
+        spec = load_grid(grid, tiny)
+        owner = {p.name: p.args for p in points(load_grid(spec["runs_of"], tiny))}
+        assert all(owner.get(p.name) == p.args for p in points(spec)), (grid, tiny)

@@ -156,13 +156,37 @@ def add_data_args(p: argparse.ArgumentParser, default_dataset: str | None = "dig
 PROBE_DEFAULTS = {"probe_seed": 0, "probe_epochs": 10, "knn_k": 20, "knn_metric": "l2", "probe_standardized": False}
 
 
-def add_probe_args(p: argparse.ArgumentParser, inherited: bool = False):
+# ------------------------------------------------------------------------------------------- repetitions
+def repetition_seeds(repeat: int) -> dict[str, int]:
+    """The seeds of repetition r of an experiment: a new random teacher (2r), a new fresh init mixed into the
+    student (2r + 1), a new data order / subset / validation split / noise set (r) and a new linear-probe init
+    and batch order (r). Repetition 0 is the scripts' historical defaults (teacher 0, student 1, data 0,
+    probe 0), so run folders made before repetitions existed keep their meaning. Teacher and student seeds
+    never collide across repetitions (evens vs odds), so no repetition's teacher is another one's fresh init."""
+    return {"teacher_seed": 2 * repeat, "student_seed": 2 * repeat + 1, "seed": repeat, "probe_seed": repeat}
+
+
+REPETITION_RULE = "teacher seed 2R, student seed 2R + 1, data seed (--seed) R, probe seed R"
+
+
+def apply_repetition(args) -> None:
+    """Fill every seed flag left unset (None) from `args.repeat`, so `args` holds the effective seeds (what
+    config.json records and resumption compares); a seed given explicitly is kept."""
+    for key, value in repetition_seeds(args.repeat).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def add_probe_args(p: argparse.ArgumentParser, inherited: bool = False, repeated: bool = False):
     """The linear / k-NN probe flags; returns the group. With `inherited` (probe.py) they are left unset, to be
-    filled from the probed run's config, else PROBE_DEFAULTS (`fill_probe_defaults`); the help says so."""
+    filled from the probed run's config, else PROBE_DEFAULTS (`fill_probe_defaults`); the help says so. With
+    `repeated` (train_distill.py) --probe-seed is left unset, to be derived from --repeat (`apply_repetition`)."""
     g = p.add_argument_group("probing (linear and k-NN probes on the encoder's eval-mode features)")
 
     def add(flag, text, **kwargs):
         default = PROBE_DEFAULTS[flag[2:].replace("-", "_")]
+        if repeated and flag == "--probe-seed":
+            kwargs |= {"default": None, "help": f"{text} (default: R of --repeat)"}
         if inherited:
             shown = {False: "off", True: "on"}[default] if isinstance(default, bool) else default
             kwargs |= {"default": None, "help": f"{text} (default: the run's value, else {shown})"}

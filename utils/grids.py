@@ -1,9 +1,14 @@
 """Experiment grids: one YAML file per table or figure under accelerate_configs/experiments/, expanded into
-points, each one train_distill.py run folder with a stable name (and optional probe.py transfers into it).
+points, each one run folder with a stable name (a train_distill.py run, plus optional probe.py transfers into it).
 
 A grid file holds `fixed` arguments, a `grid` of swept ones (the cartesian product, in file order, is the list
 of points; point i is always the same run), a `report` section for the aggregation, and a `tiny` section that
-replaces `fixed` / `grid` keys for the version that runs on 2 CPU cores on the built-in digits.
+replaces `fixed` / `grid` keys for the version that runs on 2 CPU cores on the built-in digits. An optional
+`script` key names the script every point runs (default train_distill.py; its flags are the point's arguments).
+
+Repetitions: a grid sweeps `repeat` (train_distill.py --repeat R), which draws a new random teacher, a new fresh
+init for the student, a new data order and a new probe seed together (utils.cli.repetition_seeds), so a
+report's mean +- std is over random teachers, as the paper's "three runs" (§3, "Probing").
 """
 from __future__ import annotations
 
@@ -19,22 +24,19 @@ from utils.cli import UsageError
 from utils.results import read_config
 
 GRID_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs" / "experiments"
-
-# Derived cost anchors (shared/research/performance.md): fwd + bwd FLOPs per 32 x 32 image, and a realistic
-# sustained rate (~25 % of an A100's dense bf16 peak, the best public ResNet18 CIFAR rate). Derived, not measured.
-FLOP_PER_IMAGE = {"resnet18": 231e12 / 50_000, "vgg11": 69.9e12 / 50_000, "flatten": 0.1e12 / 50_000}
-SUSTAINED_FLOPS = 77e12
-TRAIN_IMAGES = {"cifar10": (50_000, 32), "cifar100": (50_000, 32), "stl10": (5_000, 96),
-                "tinyimagenet": (100_000, 64), "digits": (5_000, 32), "photos": (5_000, 32)}
+DEFAULT_SCRIPT = "train_distill.py"
+# What marks a point's run folder as finished, per script (a later grid of another script names its own).
+FINISHED_MARK = {"train_distill.py": "summary.json"}
 
 
 @dataclass(frozen=True)
 class Point:
     index: int
-    name: str            # stable folder name: the swept values, e.g. model-vgg11_alpha-0.01_seed-0
-    args: dict           # every train_distill.py argument of this point (flag name without dashes -> value)
+    name: str            # stable folder name: the swept values, e.g. model-vgg11_alpha-0.01_repeat-0
+    args: dict           # every argument of this point's script (flag name without dashes -> value)
     swept: dict          # the swept subset of args
     probe_on: tuple      # datasets to probe the student on afterwards (transfer tables)
+    script: str = DEFAULT_SCRIPT
 
 
 def available() -> list[str]:
@@ -52,8 +54,10 @@ def load_grid(name: str, tiny: bool = False) -> dict:
                        "grid": spec.get("grid", {}) | small.get("grid", {}),
                        "probe_on": small.get("probe_on", spec.get("probe_on", [])),
                        "report": spec["report"] | small.get("report", {})}
-        # the full grid's dataset and model do not apply: keep the title's first part
+        # the full grid's dataset and model do not apply: keep the title's first part, and no paper number is
+        # set beside (or drawn onto) a CPU proxy's results on other data
         spec["report"]["title"] = spec["report"].get("title", name).split(" (")[0] + " [--tiny CPU proxy]"
+        spec["report"]["paper"] = small.get("report", {}).get("paper", {})
     spec["name"] = name + ("-tiny" if tiny else "")
     spec["folder"] = spec.get("runs_of", name) + ("-tiny" if tiny else "")  # grids can share runs (Tables 1, 3)
     return spec
@@ -75,7 +79,8 @@ def points(spec: dict) -> list[Point]:
     for i, combo in enumerate(itertools.product(*values)):
         swept = dict(zip(keys, combo))
         name = "_".join(f"{k}-{_folder_text(v)}" for k, v in swept.items()) or "run"
-        out.append(Point(i, name, spec.get("fixed", {}) | swept, swept, tuple(spec.get("probe_on", []))))
+        out.append(Point(i, name, spec.get("fixed", {}) | swept, swept, tuple(spec.get("probe_on", [])),
+                         spec.get("script", DEFAULT_SCRIPT)))
     return out
 
 
@@ -100,9 +105,10 @@ def as_flags(args: dict) -> list[str]:
 
 
 def commands(point: Point, folder: Path, launcher: list[str] | None = None) -> list[list[str]]:
-    """The train_distill.py command of a point, then one probe.py command per transfer dataset."""
+    """The command of a point (its script, train_distill.py by default), then one probe.py command per transfer
+    dataset."""
     launch = launcher or [sys.executable]
-    cmds = [[*launch, "train_distill.py", *as_flags(point.args), "--output-dir", str(folder)]]
+    cmds = [[*launch, point.script, *as_flags(point.args), "--output-dir", str(folder)]]
     for dataset in point.probe_on:
         cmds.append([*launch, "probe.py", "--student", str(folder), "--dataset", dataset])
     return cmds
@@ -115,17 +121,10 @@ def same_arguments(point: Point, config: dict) -> bool:
 def finished(point: Point, folder: Path) -> bool:
     """The point's run (of exactly its arguments) and its transfer probes are done."""
     names = [Path(d).name for d in point.probe_on]
-    if not (folder / "summary.json").exists() or not same_arguments(point, read_config(folder) or {}):
+    mark = FINISHED_MARK.get(point.script, "summary.json")
+    if not (folder / mark).exists() or not same_arguments(point, read_config(folder) or {}):
         return False
     return all((folder / "probes" / n / "probe_results.json").exists() for n in names)
-
-
-def gpu_hours(point: Point) -> float:
-    """Derived cost of one point on an A100-class GPU (FLOP count / sustained rate; probing not counted)."""
-    n, size = TRAIN_IMAGES.get(point.args.get("dataset", "cifar10"), (50_000, 32))
-    n = min(n, point.args.get("train_subset") or n)
-    flop = FLOP_PER_IMAGE[point.args.get("model", "resnet18")] * (size / 32) ** 2 * point.args.get("width", 1) ** 2
-    return flop * n * point.args.get("epochs", 150) / SUSTAINED_FLOPS / 3600
 
 
 def shell(cmd: list[str]) -> str:

@@ -87,10 +87,10 @@ def write_model_card(student_dir: Path, config: dict, table: pd.DataFrame) -> No
     hub_dataset = meta.get("source") if "/" in str(meta.get("source", "")) and not Path(meta["source"]).exists() else None
     front = ["---", "library_name: random-teachers", "tags:", "- random-teachers", "- self-distillation",
              "- model_hub_mixin", "- pytorch_model_hub_mixin"] + ([f"datasets:\n- {hub_dataset}"] if hub_dataset else []) + ["---"]
-    keys = ("model", "norm", "alpha", "teacher_seed", "student_seed", "seed", "epochs", "batch_size", "lr",
-            "weight_decay", "bias_weight_decay", "loss", "teacher_temp", "student_temp", "bottleneck",
-            "hidden_dims", "bottleneck_dim", "out_dim", "train_subset", "input_noise", "val_size", "steps",
-            "world_size", "autocast")
+    keys = ("model", "norm", "alpha", "repeat", "teacher_seed", "student_seed", "seed", "probe_seed", "epochs",
+            "batch_size", "lr", "weight_decay", "bias_weight_decay", "loss", "teacher_temp", "student_temp",
+            "bottleneck", "hidden_dims", "bottleneck_dim", "out_dim", "train_subset", "input_noise", "val_size",
+            "steps", "world_size", "autocast")
     rows = "\n".join(f"| `{k}` | `{config.get(k)}` |" for k in keys if k in config)
     text = f"""{chr(10).join(front)}
 

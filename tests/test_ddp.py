@@ -144,9 +144,10 @@ def test_two_processes_match_one_over_the_same_global_batch(runs):
     assert list(m1.index) == list(m2.index)
     assert len(m1.xs("train/ce", level="metric")) == steps
     # The Adam step sizes inherit the round-off flips described below (a few elements' full +-lr steps), so they
-    # agree to 1e-3 rather than 1e-5; everything computed from the loss agrees tightly.
+    # agree to 1e-3; everything computed from the loss agrees to 2e-4 (seen: 1e-5 on AVX-512 CPUs, 5.1e-5 on an AVX2
+    # one, whose kernels sum in another order) - far inside a real DDP error's 1e-2 (below).
     step_sizes = m1.index.get_level_values("metric").isin(["train/adam_step_norm", "train/eps_damped", "train/grad_norm"])
-    torch.testing.assert_close(torch.tensor(m2.values[~step_sizes]), torch.tensor(m1.values[~step_sizes]), rtol=1e-5,
+    torch.testing.assert_close(torch.tensor(m2.values[~step_sizes]), torch.tensor(m1.values[~step_sizes]), rtol=2e-4,
                                atol=1e-6)
     torch.testing.assert_close(torch.tensor(m2.values[step_sizes]), torch.tensor(m1.values[step_sizes]), rtol=1e-3,
                                atol=1e-6)

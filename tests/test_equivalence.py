@@ -126,7 +126,8 @@ def test_distill_step_equals_plain_loop(norm, opt, accelerator):
     ours, theirs = [], []
     student.train()
     plain_student.train()
-    for idx, (x, _) in zip(batches, plain_loader(train.images, train.labels, mean, std, batches), strict=True):
+    for idx in batches:  # the same input tensors on both sides: (i) covers the data path; this compares the step
+        x = inputs(idx).clone()
         per_sample, *_ = step(idx, len(idx))
         ours.append(per_sample.mean().item())
         with torch.no_grad():
@@ -148,7 +149,10 @@ def test_distill_step_equals_plain_loop(norm, opt, accelerator):
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=2e-4, msg=lambda m: f"{k}: {m}")
         if got[k].is_floating_point():
-            outliers += (~torch.isclose(got[k], want[k], rtol=1e-4, atol=1e-5)).sum().item()
+            # A BN running mean is a batch mean of O(1) activations that cancel to ~1e-2: summed over ~10^4 float32
+            # values in another order (another CPU's kernels), it differs by ~1e-5 absolute, large relative to it.
+            atol = 1e-4 if k.endswith("running_mean") else 1e-5
+            outliers += (~torch.isclose(got[k], want[k], rtol=1e-4, atol=atol)).sum().item()
             total += got[k].numel()
         moved += not torch.equal(got[k], start[k])
     assert outliers <= (0 if opt == "sgd" else 1e-5 * total), f"{outliers} of {total} elements differ"

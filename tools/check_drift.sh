@@ -15,12 +15,15 @@ export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1  # no machine-w
 "$venv/bin/python" - <<'PY'
 import re
 from importlib.metadata import distributions
-locked = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", open("requirements.lock").read(), re.M))
+from packaging.markers import Marker
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
-locked = {norm(k): v for k, v in locked.items()}
-newer = sorted((norm(d.metadata["Name"]), locked[norm(d.metadata["Name"])], d.version) for d in distributions()
-               if norm(d.metadata["Name"]) in locked and locked[norm(d.metadata["Name"])] != d.version)
-print(f"{len(newer)} package(s) newer than requirements.lock:" if newer else "the newest releases equal the lock")
+locked = {}  # the lock's pin for THIS interpreter and platform (lines carry environment markers)
+for name, version, marker in re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)(?:\s*;\s*(.+))?$", open("requirements.lock").read(), re.M):
+    if not marker or Marker(marker).evaluate():
+        locked[norm(name)] = version
+installed = {norm(d.metadata["Name"]): d.version.split("+")[0] for d in distributions()}  # 2.14.1+cu130 is 2.14.1
+newer = sorted((n, v, installed[n]) for n, v in locked.items() if n in installed and installed[n] != v)
+print(f"{len(newer)} package(s) differ from requirements.lock:" if newer else "the newest releases equal the lock")
 for name, old, new in newer:
     print(f"  {name}: {old} -> {new}")
 PY

@@ -61,7 +61,8 @@ def display_name(ref: str) -> str:
     """A folder-safe name for a --student reference: the folder's name (`runs/A/` -> `A`; a run's `student/`
     subfolder -> the run's name) or a Hub id's model name."""
     path = Path(str(ref).rstrip("/"))
-    name = path.parent.name if path.name == "student" and path.parent.name else path.name
+    in_run = path.name == "student" and (path.parent / "config.json").exists()
+    name = path.parent.name if in_run else path.name
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", name) or "student"
 
 

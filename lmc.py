@@ -38,7 +38,8 @@ def parse_args(argv=None):
     m.add_argument("--starts", nargs="+", choices=STARTS + ("checkpoint",), default=list(STARTS),
                    help="the starts to compare, side by side in the figure")
     m.add_argument("--checkpoint", help="start `checkpoint`: a supervised state file (an imp.py rewind point "
-                                        "seed-*/init/round-0/rewind/epoch-L.pt); copies continue from epoch L")
+                                        "<student>/seed-*/init/round-0/rewind/epoch-L.pt); copies continue from "
+                                        "epoch L")
     m.add_argument("--copies", type=int, default=5, help="copies per start (K >= 2), data seeds S .. S+K-1")
     m.add_argument("--data-seed", type=int, default=0, help="data seed S of the first copy")
     m.add_argument("--gammas", type=int, default=50, help="evenly spaced points on each segment, ends included")

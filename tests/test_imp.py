@@ -251,8 +251,16 @@ def test_sigterm_mid_round_then_rerun_is_bit_identical(reference, tiny_dataset, 
     assert "SIGTERM received" in capsys.readouterr().out
     (sub,) = student_folders(out)
     assert list((sub / "seed-0" / "student-l0" / "round-2" / "checkpoints").iterdir())
-    monkeypatch.setattr(SupervisedTrainer, "step", original)
-    assert imp_script.main(imp_args(student, tiny_dataset, out)) == 0
+    counted = {"n": 0}
+
+    def counting_step(self, *args):
+        counted["n"] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(SupervisedTrainer, "step", counting_step)
+    # --overwrite with the same students and settings resumes (a requeued --overwrite job must not restart)
+    assert imp_script.main(imp_args(student, tiny_dataset, out, "--overwrite")) == 0
+    assert counted["n"] == 56 - 19  # all 56 steps of the run but the 19 done before the signal
     got, want = finals(out), finals(ref_out)
     assert got.keys() == want.keys() and len(got) == 2 + 3 * 2
     for path in want:

@@ -152,7 +152,8 @@ def two_students(tiny_dataset, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RANDOM_TEACHERS_CACHE", str(root / "cache"))
         assert lmc.main(lmc_args(students, tiny_dataset, root / "run")) == 0
-    folders = [root / "run" / e["folder"] for e in json.loads((root / "run" / "fingerprint.json").read_text())["students"]]
+    made = json.loads((root / "run" / "fingerprint.json").read_text())
+    folders = [root / "run" / entry["folder"] for entry in made["students"]]
     return students, root / "run", folders
 
 

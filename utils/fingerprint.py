@@ -103,7 +103,8 @@ def difference(folder: Path, made: dict, asked: dict) -> tuple[str, str]:
         what = "from other points (selector:weights hash {}, asked {})".format(
             *(" ".join(f"{sel}:{short(h)}" for sel, h in v or []) for v in (was, now)))
     else:
-        what = f"with {_shown(was) if first in made else '(not set)'}, asked {_shown(now) if first in asked else '(not set)'}"
+        what = (f"with {_shown(was) if first in made else '(not set)'}, "
+                f"asked {_shown(now) if first in asked else '(not set)'}")
     return first.split(" ")[0], (f"{folder} was made {what}{more}; pass --overwrite to replace its results or use "
                                  "another --output-dir")
 

@@ -267,8 +267,8 @@ def load_students(args) -> list[SimpleNamespace]:
                                         folder=f"{fingerprint.display_name(ref)}-{fingerprint.short(digest)}"))
     datasets = {dataset_of(args, s.run_config) for s in students}
     if len(datasets) > 1:
-        raise UsageError("--dataset", f"the students were distilled on different datasets ({', '.join(sorted(datasets))});"
-                                      " name the one to train on")
+        raise UsageError("--dataset", f"the students were distilled on different datasets "
+                                      f"({', '.join(sorted(datasets))}); name the one to train on")
     args.dataset = datasets.pop()
     return students
 

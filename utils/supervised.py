@@ -308,6 +308,9 @@ def setup_run(args, kind: str, defines: dict, outputs: tuple[str, ...]):
               "--mixed-precision": accelerator.mixed_precision, **defines}
     top = {"--student": sorted(s.hash for s in students), **common}
     previous = fingerprint.read(out) or {}
+    known = {entry["weights_sha256"]: entry["folder"] for entry in previous.get("students", [])}
+    for s in students:  # a student already in the folder keeps its subfolder, whatever path it is given by now
+        s.folder = known.get(s.hash, s.folder)
     owned = sorted({out / s.folder for s in students} | {out / s["folder"] for s in previous.get("students", [])} |
                    {out / name for name in (*outputs, "configs")} |
                    {p for pattern in OLD_LAYOUT for p in out.glob(pattern)})

@@ -2,6 +2,7 @@
 definitions, BN statistics recomputed exactly, copies that differ only through their data seed, and the script."""
 import copy
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -218,13 +219,15 @@ def test_another_student_or_other_settings_are_refused_and_change_nothing(change
     assert snapshot(out) == before
 
 
-def test_the_same_command_twice_trains_and_interpolates_nothing(two_students, tiny_dataset, monkeypatch):
+def test_the_same_command_twice_trains_and_interpolates_nothing(two_students, tiny_dataset, tmp_path, monkeypatch):
     students, out, folders = two_students
     before = {f: snapshot(f) for f in folders}
     monkeypatch.setattr(SupervisedTrainer, "step", lambda *a: pytest.fail("a finished copy was retrained"))
     monkeypatch.setattr(lmc, "error_along_path", lambda *a, **k: pytest.fail("a finished pair was recomputed"))
     summary = pd.read_csv(out / "lmc_summary.csv")
-    assert lmc.main(lmc_args(students[::-1], tiny_dataset, out)) == 0  # the order of the students does not matter
+    moved = shutil.copytree(students[0], tmp_path / "moved")  # the same weights under another name
+    assert lmc.main(lmc_args([students[1], moved], tiny_dataset, out)) == 0  # nor does the students' order
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(["configs", *(f.name for f in folders)])
     assert all(snapshot(f) == before[f] for f in folders)
     pd.testing.assert_frame_equal(pd.read_csv(out / "lmc_summary.csv"), summary)
 

@@ -250,7 +250,7 @@ def load_students(args) -> list[SimpleNamespace]:
     from utils import fingerprint
 
     students = []
-    for ref in args.student:
+    for ref in args.student or [None]:  # none given: load_student says --student is required
         net, run_config = load_student(ref, args.student_revision)
         digest = fingerprint.weights_hash(net)
         for other in students:

@@ -193,7 +193,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
 def title_of(made: dict, table: pd.DataFrame) -> str:
     d, arch = made["defines"], made["students"][0]["config"]
     return (f"LMC on {Path(d['--dataset']).name}: {arch['model']} (width {arch['width']:g}), {d['--epochs']} epochs, "
-            f"BN {d['--bn']}; {table.student.nunique()} student(s), {len(table)} pair(s)")
+            f"BN {d['--bn']}\n{table.student.nunique()} student(s), {len(table)} pair(s)")
 
 
 def write_report(folder: Path, curves: pd.DataFrame, table: pd.DataFrame, made: dict) -> pd.DataFrame:

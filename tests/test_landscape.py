@@ -312,6 +312,19 @@ def test_another_student_or_other_settings_are_refused_and_change_nothing(change
     assert snapshot(out) == before
 
 
+def test_overwrite_replaces_a_landscape_of_other_settings(students, tiny_dataset, tmp_path):
+    out = tmp_path / "land"
+    small = ["--resolution", "2", "--x-range", "0", "1", "--y-range", "0", "1", "--chunk-size", "7"]
+    run(students, tiny_dataset, out, *small)
+    old = {p.name: p.read_bytes() for p in (out / "chunks").iterdir()}
+    table = run(students, tiny_dataset, out, *small, "--bn", "eval", "--overwrite")
+    assert json.loads((out / "fingerprint.json").read_text())["defines"]["--bn"] == "eval"
+    assert json.loads((out / "landscape.json").read_text())["settings"]["bn"] == "eval"
+    new = {p.name: p.read_bytes() for p in (out / "chunks").iterdir()}
+    assert new.keys() == old.keys() and new != old  # every chunk evaluated again, under the new settings
+    assert len(table[table.metric == "norm"]) == 4 + 3
+
+
 def test_the_same_command_twice_evaluates_nothing(grid, students, tiny_dataset, monkeypatch):
     table, out = grid
     chunks = snapshot(out / "chunks")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Iterative magnitude pruning with rewinding: are distilled students lottery tickets? (paper §6, Fig. 9)
 
-    accelerate launch imp.py --student runs/distill-cifar10-resnet18-a1e-10-s0 --seeds 0 1 2 3 4
+    accelerate launch imp.py --student runs/distill-cifar10-resnet18-a0-s{0,1,2,3,4} --output-dir runs/imp-fig9
     python imp.py --student runs/digits-student --epochs 4 --lr-milestones 2 3 --rounds 3   # CPU-sized
 
 Two starts from one --student (run folder, save_pretrained folder or Hub id): `student` = the distilled
@@ -10,7 +10,12 @@ rewind points at epochs l in --rewind-epochs (one dense run per seed serves ever
 linear classifier and the SPEC §5 SGD recipe. Round 0 trains densely; round r prunes --prune-fraction of the
 remaining weights (globally, by magnitude, from round r-1's final weights), rewinds the survivors to the
 rewind point and retrains to the end. Finished rounds are skipped and an interrupted one resumes.
-Writes imp_table.csv (one row per seed x start x rewind x round), imp_summary.csv and imp.png to --output-dir.
+
+Each --student gets a subfolder <name>-<weights hash> of --output-dir holding its rounds and its own
+imp_table.csv (one row per seed x start x rewind x round), imp_summary.csv and imp.png; the top of --output-dir
+holds the same three aggregated over every (student, seed) run, as the paper's Fig. 9 aggregates over distilled
+checkpoints. fingerprint.json records the students' weights hashes and every argument that changes a number;
+a folder made by other students or settings is refused (--overwrite replaces it).
 """
 from __future__ import annotations
 
@@ -39,12 +44,16 @@ def parse_args(argv=None):
     i.add_argument("--no-rewind-optimizer", action="store_true",
                    help="fresh SGD momentum at the rewind point (OpenLTH) instead of the saved one (official code)")
     i.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="one IMP run per seed: data order and augmentation, and the classifier (--head-seed + seed)")
+                   help="one IMP run per seed and student: data order and augmentation, and the classifier "
+                        "(--head-seed + seed); the summary averages over every (student, seed) run")
     i.add_argument("--dense-only", action="store_true",
                    help="only the dense round 0 and its rewind points (e.g. a Slurm job the pruning jobs wait for)")
     add_recipe_args(p)
     r = p.add_argument_group("run")
-    r.add_argument("--output-dir", help="default: runs/imp-<dataset>-<model>")
+    r.add_argument("--output-dir", help="default: runs/imp-<student folder name>-<weights hash>")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace results of other students or settings in --output-dir (deleted only once the new "
+                        "run is ready; a run of the same students and settings is continued, never restarted)")
     r.add_argument("--report-only", action="store_true",
                    help="no training: rebuild the table and figure from the rounds finished in --output-dir")
     r.add_argument("--push-to-hub", metavar="REPO", help="upload the tables and the figure to imp/<id>/ in REPO")
@@ -68,11 +77,15 @@ if __name__ == "__main__":  # torch takes seconds to import: report a bad flag b
 # ruff: noqa: E402  (the heavy imports below follow the flag check on purpose)
 import pandas as pd
 
+from utils import fingerprint
 from utils.checkpoint import PreemptionSignal
 from utils.hub import new_run_id, push_tables
 from utils.pruning import full_masks, load_masks, prune_round, save_masks, sparsity_report
 from utils.results import atomic_path, markdown_table, write_json, write_table
 from utils.supervised import Classifier, load_state_file, save_state_file, setup_run, start_encoder
+
+# The arguments of IMP itself that change a number (the recipe's and the data's are added by setup_run).
+IMP_SETTINGS = ("prune_fraction", "prune_scope", "no_rewind_optimizer")
 
 
 # ------------------------------------------------------------------------------------------ the rounds
@@ -105,8 +118,17 @@ def dense_round(trainer, student, args, seed: int, start: str, base: Path, preem
             save_state_file(path, trainer.state(), epoch=epoch)
         acc.wait_for_everyone()
 
-    save_rewind(0)
-    result = trainer.train(folder, seed, 0, preempt, f"seed {seed} {start} dense", on_epoch_end=save_rewind)
+    def fresh_start() -> None:
+        # No checkpoint to resume: rewind points on disk are an earlier attempt's (e.g. killed before its first
+        # checkpoint), not this run's; kept, a pruned round would rewind to weights of another run than the one
+        # whose final weights chose its mask.
+        if acc.is_main_process:
+            shutil.rmtree(folder / "rewind", ignore_errors=True)
+        acc.wait_for_everyone()
+        save_rewind(0)
+
+    result = trainer.train(folder, seed, 0, preempt, f"seed {seed} {start} dense", on_epoch_end=save_rewind,
+                           on_fresh_start=fresh_start)
     if result is None:
         return False
     finish_round(trainer, folder, result, {"round": 0, "density": 1.0, "start": start, "rewind_epoch": None,
@@ -147,30 +169,36 @@ def pruned_rounds(trainer, args, seed: int, start: str, rewind: int, base: Path,
 
 
 # ------------------------------------------------------------------------------------------- reporting
-def collect_table(out: Path) -> pd.DataFrame:
-    """Every finished round under `out`; the shared dense round 0 of a start appears once per rewind arm."""
+COLUMNS = ["student", "seed", "start", "rewind_epoch", "round", "weights_remaining", "sparsity", "best_accuracy",
+           "final_accuracy", "best_epoch"]
+
+
+def collect_table(folder: Path, student: str) -> pd.DataFrame:
+    """Every finished round of one student's subfolder; the shared dense round 0 of a start appears once per
+    rewind arm."""
     rows = []
-    for seed_dir in sorted(out.glob("seed-*")):
+    for seed_dir in sorted(folder.glob("seed-*")):
         for arm in sorted(p for p in seed_dir.iterdir() if p.is_dir() and "-l" in p.name):
             start, rewind = arm.name.rsplit("-l", 1)
             results = [seed_dir / start / "round-0" / "result.json"] + sorted(arm.glob("round-*/result.json"))
             for path in results:
                 if path.exists():
                     rows.append({**pd.read_json(path, typ="series").to_dict(), "rewind_epoch": int(rewind)})
-    columns = ["seed", "start", "rewind_epoch", "round", "weights_remaining", "sparsity", "best_accuracy",
-               "final_accuracy", "best_epoch"]
     if not rows:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=COLUMNS)
     df = pd.DataFrame(rows).rename(columns={"best": "best_accuracy", "final": "final_accuracy"})
     df["weights_remaining"] = df.density
     df["sparsity"] = 1 - df.density
-    return df[columns].sort_values(["start", "rewind_epoch", "seed", "round"]).reset_index(drop=True)
+    df["student"] = student
+    return df[COLUMNS].sort_values(["start", "rewind_epoch", "seed", "round"]).reset_index(drop=True)
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds per (start, rewind epoch, round), accuracies in %."""
+    """Per (start, rewind epoch, round): mean and sample std (n - 1) over every (student, seed) run, each run
+    counting once; `runs` = their number, `students` = distinct students. Accuracies and weights in %."""
     g = table.groupby(["start", "rewind_epoch", "round"])
-    out = g.agg(weights_remaining=("weights_remaining", "mean"), seeds=("seed", "count"),
+    out = g.agg(weights_remaining=("weights_remaining", "mean"), runs=("seed", "count"),
+                students=("student", "nunique"),
                 best_mean=("best_accuracy", "mean"), best_std=("best_accuracy", "std"),
                 final_mean=("final_accuracy", "mean"), final_std=("final_accuracy", "std"))
     out[["best_mean", "best_std", "final_mean", "final_std"]] *= 100
@@ -184,7 +212,8 @@ def label(start: str, rewind: int) -> str:
 
 def plot(summary: pd.DataFrame, path: Path, title: str) -> None:
     """Fig. 9: test accuracy vs % of weights remaining (log axis), one line per start / rewind point, mean and
-    a ± std band over seeds; best-over-epochs (what the paper plots) and final accuracy side by side."""
+    a ± std band over the (student, seed) runs; best-over-epochs (what the paper plots) and final accuracy side
+    by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,26 +245,34 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def title_of(out: Path) -> str:
-    """The figure title, from the newest invocation's config in out/configs."""
-    configs = sorted((out / "configs").glob("*.json"), key=lambda p: p.stat().st_mtime)
-    if not configs:
-        return f"IMP, {out.name}"
-    c = pd.read_json(configs[-1], typ="series")
-    return (f"IMP on {Path(c['dataset']).name}: {c['student_config']['model']} (width "
-            f"{c['student_config']['width']:g}), {c['epochs']} epochs/round, prune {c['prune_fraction']:g}/round "
-            f"({c['prune_scope']})")
+def title_of(made: dict, table: pd.DataFrame) -> str:
+    d, arch = made["defines"], made["students"][0]["config"]
+    runs = table[table["round"] == 0].groupby(["student", "seed"]).ngroups
+    return (f"IMP on {Path(d['--dataset']).name}: {arch['model']} (width {arch['width']:g}), {d['--epochs']} "
+            f"epochs/round, prune {d['--prune-fraction']:g}/round ({d['--prune-scope']})\n"
+            f"mean ± std over {runs} run(s): {table.student.nunique()} student(s) x seeds")
+
+
+def write_report(folder: Path, table: pd.DataFrame, made: dict) -> pd.DataFrame:
+    summary = summarize(table)
+    write_table(folder / "imp_table.csv", table)
+    write_table(folder / "imp_summary.csv", summary)
+    if len(summary):
+        plot(summary, folder / "imp.png", title_of(made, table))
+    return summary
 
 
 def report(out: Path) -> pd.DataFrame:
-    """imp_table.csv, imp_summary.csv and imp.png from every round finished under `out`."""
-    table = collect_table(out)
-    summary = summarize(table)
-    write_table(out / "imp_table.csv", table)
-    write_table(out / "imp_summary.csv", summary)
-    if len(summary):
-        plot(summary, out / "imp.png", title_of(out))
-    return summary
+    """Each student's imp_table.csv, imp_summary.csv and imp.png from its finished rounds, then the same three at
+    the top of `out` over every student: the table's rows side by side, the summary over (student, seed) runs."""
+    made = fingerprint.read(out)
+    if made is None or made.get("kind") != "imp":
+        raise UsageError("--output-dir", f"{out} holds no imp.py results (no {fingerprint.FILE} of kind imp)")
+    tables = []
+    for entry in made["students"]:
+        tables.append(collect_table(out / entry["folder"], entry["folder"]))
+        write_report(out / entry["folder"], tables[-1], {**made, "students": [entry]})
+    return write_report(out, pd.concat(tables, ignore_index=True), made)
 
 
 @main_guard
@@ -247,24 +284,25 @@ def main(argv=None):
         print(markdown_table(summary.set_index("start")))
         return 0 if not args.push_to_hub or push_tables(out, OUTPUTS, args.push_to_hub, new_run_id(out.name), "imp",
                                                         args.hub_private, "imp.py") else 1
-    student, data, trainer, out, run_id = setup_run(args, "imp")
+    students, data, trainer, out, run_id = setup_run(args, "imp", fingerprint.settings(args, IMP_SETTINGS), OUTPUTS)
     preempt = PreemptionSignal()
     try:
-        for seed in args.seeds:
-            for start in args.starts:
-                base = out / f"seed-{seed}" / start
-                if not dense_round(trainer, student, args, seed, start, base, preempt):
-                    return preempt.exit_status()
-                for rewind in ([] if args.dense_only else rewind_points(start, args)):
-                    if not pruned_rounds(trainer, args, seed, start, rewind, base, preempt):
+        for student in students:
+            for seed in args.seeds:
+                for start in args.starts:
+                    base = out / student.folder / f"seed-{seed}" / start
+                    if not dense_round(trainer, student.net, args, seed, start, base, preempt):
                         return preempt.exit_status()
+                    for rewind in ([] if args.dense_only else rewind_points(start, args)):
+                        if not pruned_rounds(trainer, args, seed, start, rewind, base, preempt):
+                            return preempt.exit_status()
     finally:
         preempt.restore()
 
     if not trainer.accelerator.is_main_process:
         return 0
     summary = report(out)
-    print(f"\nIMP test accuracy (%), mean over seeds -> {out}")
+    print(f"\nIMP test accuracy (%), mean ± std over {len(students)} student(s) x {len(args.seeds)} seed(s) -> {out}")
     print(markdown_table(summary.set_index("start")))
     if args.push_to_hub and not push_tables(out, OUTPUTS, args.push_to_hub, run_id, "imp", args.hub_private,
                                             "imp.py"):

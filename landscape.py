@@ -12,7 +12,9 @@ from its seeds and alpha) or `:student` (the trained student; the default). At e
 three points themselves: CE and KL to the teacher on fixed train and test subsets, linear and k-NN probes of the
 embeddings and ||theta||. Grid points are split across Accelerate processes and written per chunk, so an
 interrupted grid resumes where it stopped. Writes landscape.csv (x, y, metric, value), landscape.json (settings,
-geometry, timing) and landscape.png to --output-dir.
+geometry, timing) and landscape.png to --output-dir. fingerprint.json, written before any evaluation, records each
+point's selector and the weights hash of its network and every setting that changes a number; a folder made from
+other points or settings is refused (--overwrite replaces it).
 """
 from __future__ import annotations
 
@@ -83,8 +85,11 @@ def parse_args(argv=None):
     r = p.add_argument_group("run")
     r.add_argument("--chunk-size", type=count(1), default=4, help="grid points per result file (the unit of "
                                                                    "resuming and of sharing between processes)")
-    r.add_argument("--output-dir", help="default: runs/landscape-<dataset>-<model>-<coords>-<hash of the points>")
-    r.add_argument("--overwrite", action="store_true", help="discard a landscape of other settings in --output-dir")
+    r.add_argument("--output-dir", help="default: runs/landscape-<first point's name>-<coords>-<hash of the points' "
+                                        "weights and selectors>")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace a landscape of other points or settings in --output-dir (deleted only once the new "
+                        "run is ready; one of the same points and settings is continued, never restarted)")
     r.add_argument("--report-only", action="store_true", help="no evaluation: redraw the figure from the table")
     r.add_argument("--push-to-hub", metavar="REPO", help="upload table, settings and figure to landscape/<id>/")
     r.add_argument("--hub-private", action="store_true")
@@ -112,7 +117,6 @@ if __name__ == "__main__":  # torch takes seconds to import: report a bad flag b
 # ruff: noqa: E402  (the heavy imports below follow the flag check on purpose)
 import copy
 import json
-import shutil
 import time
 
 import pandas as pd
@@ -121,6 +125,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
+from utils import fingerprint
 from utils.checkpoint import PreemptionSignal
 from utils.cli import reuse_run_settings
 from utils.data import Normalizer, load_dataset
@@ -132,11 +137,12 @@ from utils.results import environment, markdown_table, write_json, write_table
 
 def load_points(specs: list[tuple[str, str]]):
     """The three networks, the first point's student (whose teacher and run define the landscape), its run
-    config, and default labels."""
-    loaded, networks, labels = {}, [], []
+    config, default labels, and the weights hash of each point's student (which fixes its teacher and init too)."""
+    loaded, networks, labels, hashes = {}, [], [], {}
     for ref, selector in specs:
         if ref not in loaded:
             loaded[ref] = resolve_student(ref, flag="--points")
+            hashes[ref] = fingerprint.weights_hash(loaded[ref][0])
         student = loaded[ref][0]
         try:
             net = {"teacher": student.build_teacher, "init": student.build_init, "student": lambda: student}[selector]()
@@ -157,37 +163,30 @@ def load_points(specs: list[tuple[str, str]]):
     except ValueError as err:
         raise UsageError("--points", f"{specs[0][0]}: {err}") from None
     labels = [f"{label} [{k}]" if labels.count(label) > 1 else label for k, label in enumerate(labels)]
-    return networks, teacher, run_config, labels
+    return networks, teacher, run_config, labels, [hashes[ref] for ref, _ in specs]
+
+
+# Settings that change a number (with the points' weights hashes they make the fingerprint); the others (labels,
+# the probes' batch size, --data-cache) change none.
+SETTINGS = ("coords", "scope", "resolution", "x_range", "y_range", "margin", "zoom", "zoom_on", "bn", "train_images",
+            "test_images", "subset_seed", "batch_size", "mixed_precision", "dataset", "image_column", "label_column",
+            "train_split", "test_split", "revision", "image_size", "probe_seed", "probe_epochs", "knn_k", "knn_metric",
+            "probe_standardized", "chunk_size")  # chunk_size: finished chunks are reused by their index
 
 
 def resolved_settings(args, networks, run_config) -> dict:
-    """Everything the numbers depend on; a rerun with the same settings resumes, other settings need --overwrite."""
+    """Everything the numbers depend on, as recorded in landscape.json (the fingerprint holds the same)."""
     refs = [str(Path(r).resolve()) if Path(r).exists() else r for r, _ in args.specs]
-    keys = ("coords", "scope", "resolution", "x_range", "y_range", "margin", "zoom", "zoom_on", "bn", "train_images",
-            "test_images", "subset_seed", "batch_size", "mixed_precision", "dataset", "image_column", "label_column",
-            "train_split", "test_split", "revision", "image_size", "probe_seed", "probe_epochs", "knn_k",
-            "knn_metric", "probe_standardized", "chunk_size")
     return {"points": [[r, s] for r, (_, s) in zip(refs, args.specs)], "arch": networks[0].arch,
             "temps": [(run_config or {}).get("teacher_temp", 1.0), (run_config or {}).get("student_temp", 1.0)],
-            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in keys}}
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in SETTINGS}}
 
 
-def prepare_folder(out: Path, settings: dict, overwrite: bool, is_main: bool) -> None:
-    """Resume a landscape of the same settings; refuse (or, with --overwrite, discard) one of other settings."""
-    saved = out / "landscape.json"
-    if saved.exists():
-        previous = json.loads(saved.read_text()).get("settings")
-        if previous == settings:
-            return
-        if not overwrite:
-            changed = sorted(k for k in set(previous or {}) | set(settings)
-                             if (previous or {}).get(k) != settings.get(k))
-            raise UsageError("--output-dir", f"{out} holds a landscape of other settings ({', '.join(changed)}); "
-                                             "pass --overwrite to replace it, or another --output-dir")
-        if is_main:
-            for name in OUTPUTS:
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / "chunks", ignore_errors=True)
+def fingerprint_of(args, hashes: list[str], settings: dict) -> dict:
+    dataset = str(Path(args.dataset).resolve()) if Path(args.dataset).exists() else args.dataset
+    return {"--points": [[selector, digest] for (_, selector), digest in zip(args.specs, hashes)],
+            "--points run's temperatures": settings["temps"], **fingerprint.settings(args, SETTINGS),
+            "--dataset": dataset}
 
 
 def subset(split, n: int | None, seed: int, flag: str, device):
@@ -232,20 +231,20 @@ def main(argv=None):
         return 0 if not args.push_to_hub or push_tables(out, OUTPUTS, args.push_to_hub, new_run_id(out.name),
                                                         "landscape", args.hub_private, "landscape.py") else 1
     started = time.time()
-    networks, teacher, run_config, labels = load_points(args.specs)
+    networks, teacher, run_config, labels, hashes = load_points(args.specs)
     labels = args.labels or labels
     taken = reuse_run_settings(args, run_config)
     args.batch_size = args.batch_size or (run_config or {}).get("batch_size", 256)
     settings = resolved_settings(args, networks, run_config)
-    arch = networks[0].arch
-    tag = hashlib.sha1(json.dumps([settings["points"], args.coords, args.scope]).encode()).hexdigest()[:8]
-    out = Path(args.output_dir or f"runs/landscape-{Path(args.dataset).name}-{arch['model']}-{args.coords}-{tag}")
+    defines = fingerprint_of(args, hashes, settings)
+    tag = hashlib.sha1(json.dumps([defines["--points"], args.coords, args.scope]).encode()).hexdigest()[:8]
+    out = Path(args.output_dir or f"runs/landscape-{fingerprint.display_name(args.specs[0][0])}-{args.coords}-{tag}")
     check_output_dir("--output-dir", out)
+    owned = [out / name for name in (*OUTPUTS, "chunks")]
+    state = fingerprint.check(out, "landscape", defines, args.overwrite, owned)  # changes nothing
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     if args.mixed_precision == "no":  # KL near the teacher reaches ~1e-9: no TF32 round-off in convs and matmuls
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    prepare_folder(out, settings, args.overwrite, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
     if taken:
         accelerator.print(f"using the first point's run settings {' '.join(taken)} (pass a flag to override)")
     with accelerator.main_process_first():
@@ -268,8 +267,14 @@ def main(argv=None):
     meta = {"settings": settings, "labels": labels, "coords": args.coords, "xs": xs, "ys": ys,
             "geometry": plane.geometry(), "images": {k: len(v[0]) for k, v in splits.items()},
             "environment": environment()}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # ready (points, data and plane checked): only now is anything deleted or written
+        if state == "replace":
+            fingerprint.discard(out, owned)
+        if state != "continue":
+            fingerprint.write(out, "landscape", defines, points=[{"ref": ref, "selector": sel, "weights_sha256": h}
+                                                                 for (ref, sel), h in zip(args.specs, hashes)])
         write_json(out / "landscape.json", meta)
+    accelerator.wait_for_everyone()
 
     # ---- this process's share of the chunks still missing; a finished chunk is never recomputed
     # the main process lists what is missing, so every process splits the same list

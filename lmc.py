@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Linear mode connectivity of SGD copies trained from one start (paper §6, Fig. 10).
 
-    accelerate launch lmc.py --student runs/distill-cifar10-resnet18-a1e-10-s0 --copies 5
+    accelerate launch lmc.py --student runs/distill-cifar10-resnet18-a0-s{0,1,2} --copies 5 --output-dir runs/lmc-fig10
     python lmc.py --student runs/digits-student --epochs 4 --lr-milestones 2 3 --copies 3      # CPU-sized
 
 From each start, K copies are trained with the SPEC §5 SGD recipe, differing only in their data seed (data
@@ -9,7 +9,12 @@ order and augmentation); every pair is evaluated at --gammas evenly spaced point
 (1 - gamma) theta_i + gamma theta_j, with BatchNorm statistics recomputed at every point on a fixed training
 subset (default) or interpolated with the weights. Starts: `student` (theta_S*), `init` (its initialisation
 theta_S) and `checkpoint` (a supervised checkpoint, e.g. an imp.py rewind point, continued from its epoch).
-Writes lmc_table.csv (one row per pair), lmc_curves.csv, lmc_summary.csv and lmc.png to --output-dir.
+
+Each --student gets a subfolder <name>-<weights hash> of --output-dir holding its copies and its own
+lmc_table.csv (one row per pair), lmc_curves.csv, lmc_summary.csv and lmc.png; the top of --output-dir holds the
+same four over every student, the summary's mean ± std over all (student, pair) rows, as the paper's Fig. 10
+aggregates over checkpoints x orderings. fingerprint.json records the students' weights hashes and every
+argument that changes a number; a folder made by other students or settings is refused (--overwrite replaces it).
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ def parse_args(argv=None):
     m.add_argument("--starts", nargs="+", choices=STARTS + ("checkpoint",), default=list(STARTS),
                    help="the starts to compare, side by side in the figure")
     m.add_argument("--checkpoint", help="start `checkpoint`: a supervised state file (an imp.py rewind point "
-                                        "seed-*/init/round-0/rewind/epoch-L.pt); copies continue from epoch L")
+                                        "<student>/seed-*/init/round-0/rewind/epoch-L.pt); copies continue from "
+                                        "epoch L")
     m.add_argument("--copies", type=int, default=5, help="copies per start (K >= 2), data seeds S .. S+K-1")
     m.add_argument("--data-seed", type=int, default=0, help="data seed S of the first copy")
     m.add_argument("--gammas", type=int, default=50, help="evenly spaced points on each segment, ends included")
@@ -44,7 +50,10 @@ def parse_args(argv=None):
     m.add_argument("--bn-seed", type=int, default=0, help="which training images form the BN subset")
     add_recipe_args(p)
     r = p.add_argument_group("run")
-    r.add_argument("--output-dir", help="default: runs/lmc-<dataset>-<model>")
+    r.add_argument("--output-dir", help="default: runs/lmc-<student folder name>-<weights hash>")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace results of other students or settings in --output-dir (deleted only once the new "
+                        "run is ready; a run of the same students and settings is continued, never restarted)")
     r.add_argument("--report-only", action="store_true", help="no training or interpolation: redraw from the tables")
     r.add_argument("--push-to-hub", metavar="REPO", help="upload the tables and the figure to lmc/<id>/ in REPO")
     r.add_argument("--hub-private", action="store_true")
@@ -59,6 +68,8 @@ def parse_args(argv=None):
         raise UsageError("--checkpoint", "give --checkpoint FILE exactly when --starts includes checkpoint")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise UsageError("--checkpoint", f"no such file {args.checkpoint!r}")
+    if args.checkpoint and args.student and len(args.student) > 1:
+        raise UsageError("--checkpoint", "a checkpoint start belongs to one student: give one --student with it")
     check_report_folder(args, "LMC")
     return args
 
@@ -71,11 +82,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from utils import fingerprint
 from utils.checkpoint import PreemptionSignal
 from utils.hub import new_run_id, push_tables
 from utils.lmc import barriers, error_along_path
 from utils.results import atomic_path, markdown_table, write_json, write_table
 from utils.supervised import Classifier, load_state_file, save_state_file, setup_run, start_encoder
+
+# The arguments of LMC itself that change a number (the recipe's and the data's are added by setup_run).
+LMC_SETTINGS = ("gammas", "bn", "bn_subset", "bn_batch_size", "bn_seed")
 
 
 def start_state(start: str, student, args, num_classes: int) -> dict:
@@ -110,8 +125,34 @@ def train_copies(trainer, state: dict, args, folder: Path, preempt) -> list[dict
     return finals
 
 
+def pairs_asked(args) -> set:
+    seeds = range(args.data_seed, args.data_seed + args.copies)
+    return {(start, i, j) for start in args.starts for i, j in itertools.combinations(seeds, 2)}
+
+
+def interpolate_pairs(trainer, finals: dict, args, bn_images, student: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Test error along the segment of every pair of copies of each start: (curves, one row per pair)."""
+    gammas = torch.linspace(0, 1, args.gammas, dtype=torch.float64).tolist()
+    probe = copy.deepcopy(trainer.raw)
+    curve_rows, pair_rows = [], []
+    seeds = list(range(args.data_seed, args.data_seed + args.copies))
+    for start, states in finals.items():
+        for (i, a), (j, b) in itertools.combinations(zip(seeds, states), 2):
+            points = tqdm(gammas, desc=f"{student} {start} pair {i}-{j}", leave=False,
+                          disable=not trainer.accelerator.is_main_process)
+            errors = error_along_path(probe, a, b, points, trainer.evaluate, args.bn, bn_images, trainer.normalize,
+                                      args.bn_batch_size)
+            curve_rows += [{"student": student, "start": start, "copy_i": i, "copy_j": j, "gamma": g, "error": e}
+                           for g, e in zip(gammas, errors)]
+            pair_rows.append({"student": student, "start": start, "copy_i": i, "copy_j": j, "error_i": errors[0],
+                              "error_j": errors[-1], **{("barrier_" + k if k != "max_error" else k): v
+                                                        for k, v in barriers(gammas, errors).items()}})
+    return pd.DataFrame(curve_rows), pd.DataFrame(pair_rows)
+
+
 def plot(curves: pd.DataFrame, path: Path, title: str) -> None:
-    """Fig. 10: test error along gamma, a thin line per pair and their mean in bold, one panel per start."""
+    """Fig. 10: test error along gamma, a thin line per pair (of every student) and their mean in bold with a
+    ± std band, one panel per start."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,10 +162,12 @@ def plot(curves: pd.DataFrame, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(starts), figsize=(4.4 * len(starts), 3.6), sharey=True, squeeze=False)
     for ax, start, color in zip(axes[0], starts, ("C0", "C3", "C2")):
         own = curves[curves.start == start]
-        for _, pair in own.groupby(["copy_i", "copy_j"]):
+        for _, pair in own.groupby(["student", "copy_i", "copy_j"]):
             ax.plot(pair.gamma, 100 * pair.error, color=color, lw=0.7, alpha=0.45)
-        mean = own.groupby("gamma").error.mean()
-        ax.plot(mean.index, 100 * mean.values, color=color, lw=2.5, label="mean over pairs")
+        by_gamma = own.groupby("gamma").error
+        mean, std = 100 * by_gamma.mean(), 100 * by_gamma.std().fillna(0)
+        ax.fill_between(mean.index, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+        ax.plot(mean.index, mean.values, color=color, lw=2.5, label="mean ± std over pairs")
         ax.set(title=LABELS[start], xticks=[0, 1], xticklabels=["θ*_πi", "θ*_πj"], xlabel="γ")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -137,12 +180,42 @@ def plot(curves: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over pairs per start, in % (error points)."""
+    """Per start: mean and sample std (n - 1) over every (student, pair) row, each pair counting once; `pairs` =
+    their number, `students` = distinct students. In % (error points)."""
     cols = ["endpoint_error", "max_error", "barrier_linear", "barrier_mean"]
     long = table.assign(endpoint_error=(table.error_i + table.error_j) / 2)
-    out = long.groupby("start")[cols].agg(["mean", "std"]) * 100
+    out = long.groupby("start", sort=False)[cols].agg(["mean", "std"]) * 100
     out.columns = [f"{c}_{s}" for c, s in out.columns]
-    return out.assign(pairs=long.groupby("start").size()).reset_index()
+    g = long.groupby("start", sort=False)
+    return out.assign(pairs=g.size(), students=g.student.nunique()).reset_index()
+
+
+def title_of(made: dict, table: pd.DataFrame) -> str:
+    d, arch = made["defines"], made["students"][0]["config"]
+    return (f"LMC on {Path(d['--dataset']).name}: {arch['model']} (width {arch['width']:g}), {d['--epochs']} epochs, "
+            f"BN {d['--bn']}\n{table.student.nunique()} student(s), {len(table)} pair(s)")
+
+
+def write_report(folder: Path, curves: pd.DataFrame, table: pd.DataFrame, made: dict) -> pd.DataFrame:
+    summary = summarize(table)
+    write_table(folder / "lmc_curves.csv", curves)
+    write_table(folder / "lmc_table.csv", table)
+    write_table(folder / "lmc_summary.csv", summary)
+    plot(curves, folder / "lmc.png", title_of(made, table))
+    return summary
+
+
+def report(out: Path) -> pd.DataFrame:
+    """The top-level lmc_table.csv, lmc_curves.csv, lmc_summary.csv and lmc.png from every student's tables."""
+    made = fingerprint.read(out)
+    if made is None or made.get("kind") != "lmc":
+        raise UsageError("--output-dir", f"{out} holds no lmc.py results (no {fingerprint.FILE} of kind lmc)")
+    folders = [out / s["folder"] for s in made["students"] if (out / s["folder"] / "lmc_table.csv").exists()]
+    if not folders:
+        raise UsageError("--output-dir", f"{out} holds no finished student yet (no lmc_table.csv)")
+    curves = pd.concat([pd.read_csv(f / "lmc_curves.csv") for f in folders], ignore_index=True)
+    table = pd.concat([pd.read_csv(f / "lmc_table.csv") for f in folders], ignore_index=True)
+    return write_report(out, curves, table, made)
 
 
 @main_guard
@@ -150,54 +223,44 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir) if args.output_dir else None
     if args.report_only:
-        curves, table = pd.read_csv(out / "lmc_curves.csv"), pd.read_csv(out / "lmc_table.csv")
-        plot(curves, out / "lmc.png", f"LMC, {out.name}")
-        print(markdown_table(summarize(table).set_index("start")))
+        print(markdown_table(report(out).set_index("start")))
         return 0 if not args.push_to_hub or push_tables(out, OUTPUTS, args.push_to_hub, new_run_id(out.name), "lmc",
                                                         args.hub_private, "lmc.py") else 1
-    student, data, trainer, out, run_id = setup_run(args, "lmc")
+    defines = {**fingerprint.settings(args, LMC_SETTINGS),
+               "--checkpoint": fingerprint.file_hash(Path(args.checkpoint)) if args.checkpoint else None}
+    students, data, trainer, out, run_id = setup_run(args, "lmc", defines, OUTPUTS)
     check_range("--bn-subset", args.bn_subset, 1, len(data.train))
-    name, accelerator, normalize = Path(data.name).name, trainer.accelerator, trainer.normalize
-
-    # ---- K copies per start
-    preempt = PreemptionSignal()
-    finals = {}
-    try:
-        for start in args.starts:
-            finals[start] = train_copies(trainer, start_state(start, student, args, data.num_classes), args,
-                                         out / start, preempt)
-            if finals[start] is None:
-                return preempt.exit_status()
-    finally:
-        preempt.restore()
-
-    # ---- every pair along the segment; the BN subset is the same for every point, pair and start
+    accelerator = trainer.accelerator
+    # the BN subset is the same for every point, pair, start and student
     pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.bn_seed))[:args.bn_subset]
     bn_images = data.train.images[pick].to(accelerator.device)
-    gammas = torch.linspace(0, 1, args.gammas, dtype=torch.float64).tolist()
-    probe = copy.deepcopy(trainer.raw)
-    curve_rows, pair_rows = [], []
-    seeds = list(range(args.data_seed, args.data_seed + args.copies))
-    for start, states in finals.items():
-        for (i, a), (j, b) in itertools.combinations(zip(seeds, states), 2):
-            points = tqdm(gammas, desc=f"{start} pair {i}-{j}", leave=False, disable=not accelerator.is_main_process)
-            errors = error_along_path(probe, a, b, points, trainer.evaluate, args.bn, bn_images, normalize,
-                                      args.bn_batch_size)
-            curve_rows += [{"start": start, "copy_i": i, "copy_j": j, "gamma": g, "error": e}
-                           for g, e in zip(gammas, errors)]
-            pair_rows.append({"start": start, "copy_i": i, "copy_j": j, "error_i": errors[0], "error_j": errors[-1],
-                              **{("barrier_" + k if k != "max_error" else k): v
-                                 for k, v in barriers(gammas, errors).items()}})
+
+    preempt = PreemptionSignal()
+    try:
+        for student in students:
+            folder = out / student.folder
+            done = folder / "lmc_table.csv"
+            if done.exists() and set(map(tuple, pd.read_csv(done)[["start", "copy_i", "copy_j"]].values)) == \
+                    pairs_asked(args):
+                continue  # these copies and pairs are finished, under the same fingerprint
+            # ---- K copies per start, then every pair along the segment
+            finals = {}
+            for start in args.starts:
+                finals[start] = train_copies(trainer, start_state(start, student.net, args, data.num_classes), args,
+                                             folder / start, preempt)
+                if finals[start] is None:
+                    return preempt.exit_status()
+            curves, table = interpolate_pairs(trainer, finals, args, bn_images, student.folder)
+            if accelerator.is_main_process:
+                write_report(folder, curves, table, {**fingerprint.read(out), "students": [
+                    {"config": student.net.config()}]})
+            accelerator.wait_for_everyone()
+    finally:
+        preempt.restore()
     if not accelerator.is_main_process:
         return 0
-    curves, table = pd.DataFrame(curve_rows), pd.DataFrame(pair_rows)
-    write_table(out / "lmc_curves.csv", curves)
-    write_table(out / "lmc_table.csv", table)
-    summary = summarize(table)
-    write_table(out / "lmc_summary.csv", summary)
-    plot(curves, out / "lmc.png", f"LMC on {name}: {student.arch['model']} (width {student.arch['width']:g}), "
-                                  f"{args.copies} copies x {args.epochs} epochs, BN {args.bn}")
-    print(f"\nTest error along the segment (%, mean over pairs) -> {out}")
+    summary = report(out)
+    print(f"\nTest error along the segment (%), mean ± std over {len(students)} student(s) x pairs -> {out}")
     print(markdown_table(summary.set_index("start")))
     if args.push_to_hub and not push_tables(out, OUTPUTS, args.push_to_hub, run_id, "lmc", args.hub_private, "lmc.py"):
         return 1

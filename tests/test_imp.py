@@ -5,15 +5,18 @@ import importlib.util
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 
 from supervised_helpers import TINY_RECIPE, NoSignal, save_tiny_student, tiny_classifier, tiny_trainer
+from utils.cli import UsageError
 from utils.pruning import apply_masks, full_masks, kept, prune_round, prunable_names, scope_size
 from utils.supervised import Recipe, SupervisedTrainer, crop_and_flip, epoch_augmentation
 
@@ -116,7 +119,8 @@ def test_rewind_restores_weights_and_optimizer_state_bit_exactly(tmp_path):
 
 # ------------------------------------------------------------------------------------------ imp.py itself
 def imp_args(student, dataset, out, *extra):
-    return ["--student", str(student), "--dataset", str(dataset), "--output-dir", str(out), *TINY_RECIPE,
+    students = student if isinstance(student, (list, tuple)) else [student]
+    return ["--student", *map(str, students), "--dataset", str(dataset), "--output-dir", str(out), *TINY_RECIPE,
             "--rounds", "2", "--starts", "student", "init", "--rewind-epochs", "0", "1", *map(str, extra)]
 
 
@@ -124,27 +128,57 @@ def finals(out: Path) -> dict:
     return {str(p.relative_to(out)): torch.load(p, weights_only=False)["model"] for p in sorted(out.rglob("final.pt"))}
 
 
+def snapshot(folder: Path) -> dict:
+    """Every path under `folder`, with each file's bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def student_folders(out: Path) -> list[Path]:
+    return [out / entry["folder"] for entry in json.loads((out / "fingerprint.json").read_text())["students"]]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_dataset):
-    """One uninterrupted tiny IMP run (student + init with rewinds 0 and 1, two rounds)."""
+    """One uninterrupted tiny IMP run (student + init with rewinds 0 and 1, two rounds); records the state and
+    start epoch every training run began from."""
     root = tmp_path_factory.mktemp("imp")
     student = save_tiny_student(root / "student")
+    entries, original = {}, SupervisedTrainer.train
+
+    def train(self, folder, data_seed, start_epoch, *args, **kwargs):
+        entries[Path(folder)] = {"start_epoch": start_epoch, "data_seed": data_seed, "state": self.state()}
+        return original(self, folder, data_seed, start_epoch, *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RANDOM_TEACHERS_CACHE", str(root / "cache"))
+        mp.setattr(SupervisedTrainer, "train", train)
         assert imp_script.main(imp_args(student, tiny_dataset, root / "run")) == 0
-    return student, root / "run"
+    (sub,) = student_folders(root / "run")
+    return SimpleNamespace(student=student, out=root / "run", sub=sub, entries=entries)
+
+
+ARMS = (("student-l0", "student", 0), ("init-l0", "init", 0), ("init-l1", "init", 1))
 
 
 def test_imp_end_to_end_writes_table_masks_and_figure(reference):
-    _, out = reference
+    out, sub = reference.out, reference.sub
+    assert sub.name.startswith("student-") and (sub / "fingerprint.json").exists()
     table = pd.read_csv(out / "imp_table.csv")
     assert set(map(tuple, table[["start", "rewind_epoch"]].drop_duplicates().values)) == \
         {("student", 0), ("init", 0), ("init", 1)}
     assert table.groupby(["start", "rewind_epoch"]).size().eq(3).all()  # rounds 0, 1, 2
     assert table.weights_remaining.tolist() == pytest.approx([0.8 ** r for r in table["round"]], abs=1e-4)
-    assert table.best_accuracy.ge(table.final_accuracy).all()
+    for _, row in table.iterrows():  # best = max over the round's evaluated epochs, final = its last epoch
+        arm = f"{row.start}/round-0" if row["round"] == 0 else f"{row.start}-l{row.rewind_epoch}/round-{row['round']}"
+        metrics = pd.read_csv(sub / f"seed-{row.seed}" / arm / "metrics.csv")
+        accuracy = metrics[metrics.metric == "test/accuracy"].sort_values("epoch")
+        assert row.best_accuracy == pytest.approx(accuracy.value.max(), abs=1e-12)
+        assert row.final_accuracy == pytest.approx(accuracy.value.iloc[-1], abs=1e-12)
+        assert row.best_epoch == accuracy.epoch.iloc[accuracy.value.argmax()]
+    pd.testing.assert_frame_equal(table, pd.read_csv(sub / "imp_table.csv"))  # one student: the same rows
     assert (out / "imp.png").stat().st_size > 10_000 and (out / "imp_summary.csv").exists()
-    round2 = out / "seed-0" / "init-l1" / "round-2"
+    round2 = sub / "seed-0" / "init-l1" / "round-2"
     report = json.loads((round2 / "sparsity.json").read_text())
     assert set(report["layers"]) == set(torch.load(round2 / "mask.pt"))
     masks, weights = torch.load(round2 / "mask.pt"), torch.load(round2 / "final.pt")["model"]
@@ -152,8 +186,48 @@ def test_imp_end_to_end_writes_table_masks_and_figure(reference):
     assert not any(p.name == "checkpoints" for p in out.rglob("checkpoints"))
 
 
+def test_each_rounds_mask_is_global_magnitude_pruning_of_the_previous_rounds_final_weights(reference):
+    sub = reference.sub / "seed-0"
+    for arm, start, _ in ARMS:
+        previous, previous_mask = sub / start / "round-0" / "final.pt", None
+        for r in (1, 2):
+            folder = sub / arm / f"round-{r}"
+            mask, weights = torch.load(folder / "mask.pt"), torch.load(previous, weights_only=False)["model"]
+            # scope 'weights': every conv and linear weight (4-d and 2-d), nothing else
+            assert set(mask) == {n for n, w in weights.items() if n.endswith(".weight") and w.dim() in (2, 4)}
+            names = sorted(mask)
+            magnitude = torch.cat([weights[n].abs().flatten() for n in names])
+            alive = torch.ones(len(magnitude), dtype=torch.bool) if previous_mask is None else \
+                torch.cat([previous_mask[n].flatten() for n in names])
+            keep = torch.topk(torch.where(alive, magnitude, torch.tensor(-1.0)), round(len(magnitude) * 0.8 ** r))
+            expected = torch.zeros(len(magnitude), dtype=torch.bool)
+            expected[keep.indices] = True
+            assert torch.equal(torch.cat([mask[n].flatten() for n in names]), expected), (arm, r)
+            previous, previous_mask = folder / "final.pt", mask
+
+
+def test_each_round_starts_from_mask_times_the_rewind_point_and_trains_epochs_l_plus_1_to_the_end(reference):
+    sub = reference.sub / "seed-0"
+    for arm, start, rewind in ARMS:
+        point = torch.load(sub / start / "round-0" / "rewind" / f"epoch-{rewind}.pt", weights_only=False)
+        assert point["epoch"] == rewind
+        for r in (1, 2):
+            folder = sub / arm / f"round-{r}"
+            entry, mask = reference.entries[folder], torch.load(folder / "mask.pt")
+            assert entry["start_epoch"] == rewind and entry["data_seed"] == 0
+            for name, value in point["model"].items():
+                expected = value * mask[name] if name in mask else value
+                assert torch.equal(entry["state"]["model"][name], expected), (arm, r, name)
+            momenta = {k: v["momentum_buffer"] for k, v in entry["state"]["optimizer"]["state"].items()}
+            saved = {k: v["momentum_buffer"] for k, v in point["optimizer"]["state"].items()}
+            assert momenta.keys() == saved.keys() and (rewind == 0) == (not saved)  # momentum exists after epoch 1
+            assert all(torch.equal(momenta[k], saved[k]) for k in saved)
+            epochs = pd.read_csv(folder / "metrics.csv").epoch
+            assert sorted(set(epochs)) == list(range(rewind + 1, 3)), (arm, r)
+
+
 def test_finished_rounds_are_skipped(reference, tiny_dataset, monkeypatch, capsys):
-    student, out = reference
+    student, out = reference.student, reference.out
     monkeypatch.setattr(SupervisedTrainer, "step", lambda *a: pytest.fail("a finished round was retrained"))
     before = pd.read_csv(out / "imp_table.csv")
     assert imp_script.main(imp_args(student, tiny_dataset, out)) == 0
@@ -161,7 +235,7 @@ def test_finished_rounds_are_skipped(reference, tiny_dataset, monkeypatch, capsy
 
 
 def test_sigterm_mid_round_then_rerun_is_bit_identical(reference, tiny_dataset, tmp_path, monkeypatch, capsys):
-    student, ref_out = reference
+    student, ref_out = reference.student, reference.out
     out = tmp_path / "run"
     original, calls = SupervisedTrainer.step, {"n": 0}
 
@@ -175,17 +249,140 @@ def test_sigterm_mid_round_then_rerun_is_bit_identical(reference, tiny_dataset, 
     monkeypatch.setattr(SupervisedTrainer, "step", step)
     assert imp_script.main(imp_args(student, tiny_dataset, out)) == 128 + signal.SIGTERM
     assert "SIGTERM received" in capsys.readouterr().out
-    assert list((out / "seed-0" / "student-l0" / "round-2" / "checkpoints").iterdir())
-    monkeypatch.setattr(SupervisedTrainer, "step", original)
-    assert imp_script.main(imp_args(student, tiny_dataset, out)) == 0
+    (sub,) = student_folders(out)
+    assert list((sub / "seed-0" / "student-l0" / "round-2" / "checkpoints").iterdir())
+    counted = {"n": 0}
+
+    def counting_step(self, *args):
+        counted["n"] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(SupervisedTrainer, "step", counting_step)
+    # --overwrite with the same students and settings resumes (a requeued --overwrite job must not restart)
+    assert imp_script.main(imp_args(student, tiny_dataset, out, "--overwrite")) == 0
+    assert counted["n"] == 56 - 19  # all 56 steps of the run but the 19 done before the signal
     got, want = finals(out), finals(ref_out)
     assert got.keys() == want.keys() and len(got) == 2 + 3 * 2
     for path in want:
         assert all(torch.equal(got[path][k], v) for k, v in want[path].items()), path
     pd.testing.assert_frame_equal(pd.read_csv(out / "imp_table.csv"), pd.read_csv(ref_out / "imp_table.csv"))
-    resumed = out / "seed-0" / "student-l0" / "round-2"
+    resumed = sub / "seed-0" / "student-l0" / "round-2"
     masks = torch.load(resumed / "mask.pt")
     assert all((got[str((resumed / "final.pt").relative_to(out))][n][~m] == 0).all() for n, m in masks.items())
+
+
+def test_a_dense_run_that_starts_from_scratch_deletes_stale_rewind_points(reference, tiny_dataset, tmp_path,
+                                                                           monkeypatch):
+    """Killed before its first checkpoint (no SIGTERM: e.g. out of memory), the dense run restarts from scratch;
+    a rewind point the killed attempt saved must not survive into the new run (here it is made visibly wrong)."""
+    out = tmp_path / "run"
+    args = imp_args(reference.student, tiny_dataset, out, "--dense-only", "--starts", "init")
+    original, calls = SupervisedTrainer.step, {"n": 0}
+
+    def dying_step(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 1 (4 steps) finished and its rewind point saved; no checkpoint yet
+            raise RuntimeError("killed")
+        return original(self, *a)
+
+    monkeypatch.setattr(SupervisedTrainer, "step", dying_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        imp_script.main(args)
+    monkeypatch.setattr(SupervisedTrainer, "step", original)
+    (sub,) = student_folders(out)
+    stale = sub / "seed-0" / "init" / "round-0" / "rewind" / "epoch-1.pt"
+    state = torch.load(stale, weights_only=False)
+    torch.save({**state, "model": {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}},
+               stale)
+    assert imp_script.main(args) == 0
+    rewound = torch.load(stale, weights_only=False)["model"]
+    want = torch.load(reference.sub / "seed-0" / "init" / "round-0" / "rewind" / "epoch-1.pt",
+                      weights_only=False)["model"]
+    assert all(torch.equal(rewound[k], v) for k, v in want.items())
+
+
+# ------------------------------------------------------------------------- fingerprints and several students
+@pytest.fixture(scope="module")
+def other_student(tmp_path_factory) -> Path:
+    return save_tiny_student(tmp_path_factory.mktemp("other") / "other", alpha=0.7)
+
+
+@pytest.mark.parametrize("change,flag,words", [
+    ("student", "--student", "from a different student (weights hash"),
+    (["--prune-fraction", "0.3"], "--prune-fraction", "was made with 0.2, asked 0.3"),
+    (["--epochs", "3"], "--epochs", "was made with 2, asked 3"),
+    (["--lr", "0.05"], "--lr", "was made with 0.1, asked 0.05"),
+    (["--lr", "0.05", "--weight-decay", "0"], "--lr", "also differ: --weight-decay"),
+])
+def test_another_student_or_other_settings_are_refused_and_change_nothing(change, flag, words, reference,
+                                                                          other_student, tiny_dataset,
+                                                                          monkeypatch, capsys):
+    monkeypatch.setattr("utils.data.load_dataset", lambda *a, **k: pytest.fail("data loaded before the check"))
+    out = reference.out
+    before = snapshot(out)
+    argv = imp_args(other_student, tiny_dataset, out) if change == "student" else \
+        imp_args(reference.student, tiny_dataset, out, *change)
+    with pytest.raises(SystemExit) as exit_info:
+        imp_script.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: argument {flag}: {out} was made ") and words in err[0], err
+    assert "--overwrite" in err[0]
+    assert snapshot(out) == before
+
+
+@pytest.fixture(scope="module")
+def two_students(reference, other_student, tiny_dataset, tmp_path_factory):
+    """Two students x seeds 0 and 1, the student start only, one pruning round."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    argv = ["--student", str(reference.student), str(other_student), "--dataset", str(tiny_dataset), "--output-dir",
+            str(out), *TINY_RECIPE, "--epochs", "1", "--rounds", "1", "--starts", "student", "--rewind-epochs", "0",
+            "--seeds", "0", "1"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RANDOM_TEACHERS_CACHE", str(out.parent / "cache"))
+        assert imp_script.main(argv) == 0
+    return argv, out
+
+
+def test_two_students_aggregate_to_the_mean_and_std_over_every_student_and_seed(two_students):
+    _, out = two_students
+    subs = student_folders(out)
+    assert len(subs) == 2 and all((s / "imp_table.csv").exists() and (s / "imp.png").exists() for s in subs)
+    rows = pd.concat([pd.read_csv(s / "imp_table.csv") for s in subs])
+    summary = pd.read_csv(out / "imp_summary.csv")
+    assert len(summary) == 2  # rounds 0 and 1 of the one arm
+    for _, got in summary.iterrows():
+        runs = rows[(rows.start == got.start) & (rows["round"] == got["round"])]
+        assert len(runs) == got.runs == 4 and got.students == 2  # 2 students x 2 seeds
+        for metric in ("best", "final"):
+            values = [100 * v for v in runs[f"{metric}_accuracy"]]
+            assert got[f"{metric}_mean"] == pytest.approx(statistics.mean(values), abs=1e-9)
+            assert got[f"{metric}_std"] == pytest.approx(statistics.stdev(values), abs=1e-9)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "imp_table.csv").sort_values(["student", "seed", "round"])
+                                  .reset_index(drop=True),
+                                  rows.sort_values(["student", "seed", "round"]).reset_index(drop=True))
+
+
+def test_overwrite_deletes_nothing_before_the_new_run_is_ready_and_then_replaces_the_folder(
+        two_students, reference, tiny_dataset, monkeypatch, capsys):
+    argv, out = two_students
+    before = snapshot(out)
+    one = imp_args(reference.student, tiny_dataset, out, "--overwrite", "--starts", "student", "--rounds", "1",
+                   "--rewind-epochs", "0", "--epochs", "1")
+
+    def no_data(*a, **k):
+        raise UsageError("--dataset", "unreadable")
+
+    monkeypatch.setattr("utils.data.load_dataset", no_data)
+    with pytest.raises(SystemExit):
+        imp_script.main(one)
+    assert snapshot(out) == before
+    monkeypatch.undo()
+    assert imp_script.main(one) == 0
+    (sub,) = student_folders(out)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["configs", sub.name]
+    assert pd.read_csv(out / "imp_table.csv")["round"].tolist() == [0, 1]  # the one student's, made anew
+    assert json.loads((out / "fingerprint.json").read_text())["defines"]["--epochs"] == 1
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -197,7 +394,7 @@ def test_sigterm_mid_round_then_rerun_is_bit_identical(reference, tiny_dataset, 
     (["--dataset", "digits"], "--student"),
 ])
 def test_bad_input_is_one_line_naming_the_flag_before_any_data(extra, flag, reference, monkeypatch, capsys):
-    student, _ = reference
+    student = reference.student
     monkeypatch.setattr("utils.data.load_dataset", lambda *a, **k: pytest.fail("data loaded before the checks"))
     with pytest.raises(SystemExit) as exit_info:
         imp_script.main([str(student) if a == "S" else a for a in extra])
@@ -219,7 +416,7 @@ def test_a_student_that_does_not_load_is_one_line_in_a_real_process(tmp_path):
 
 
 def test_push_to_hub_sends_the_tables_and_figure_through_the_single_seam(reference, fake_hub, capsys):
-    _, out = reference
+    out = reference.out
     assert imp_script.main(["--report-only", "--output-dir", str(out), "--push-to-hub", "me/imp"]) == 0
     (commit,) = fake_hub.commits
     repo, paths = commit["repo_id"], sorted(commit["files"])

@@ -283,14 +283,55 @@ def test_bad_input_is_one_line_naming_the_flag(case, students, tiny_dataset, tmp
     assert not out.exists()  # nothing written
 
 
-def test_other_settings_in_a_finished_folder_need_overwrite(grid, students, tiny_dataset, capsys):
+def snapshot(folder: Path) -> dict:
+    """Every path under `folder`, with each file's bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("change,flag,words", [
+    ("student", "--points", "was made from other points (selector:weights hash"),
+    (["--bn", "eval"], "--bn", 'was made with "batch", asked "eval"'),
+    (["--resolution", "4"], "--resolution", "was made with 5 3, asked 4 4"),
+])
+def test_another_student_or_other_settings_are_refused_and_change_nothing(change, flag, words, grid, students,
+                                                                          tiny_dataset, tmp_path, monkeypatch,
+                                                                          capsys):
     _, out = grid
-    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    line = assert_one_line_error(landscape.main, ["--points", *points(students), "--dataset", str(tiny_dataset),
-                                                  "--output-dir", str(out), *EVAL, *GRID, "--bn", "eval"],
-                                 "--output-dir", capsys)
-    assert "bn" in line and "--overwrite" in line
-    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    monkeypatch.setattr(landscape, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the check"))
+    before = snapshot(out)
+    chosen = points(students)
+    if change == "student":  # the third point: another student of the same teacher
+        _, other = make_teacher_student(TINY_ARCH, teacher_seed=0, student_seed=3, alpha=1.0)
+        other.save_pretrained(tmp_path / "other")
+        chosen[2] = str(tmp_path / "other")
+    line = assert_one_line_error(landscape.main, ["--points", *chosen, "--dataset", str(tiny_dataset), "--output-dir",
+                                                  str(out), *EVAL, *GRID, *([] if change == "student" else change)],
+                                 flag, capsys)
+    assert line.startswith(f"error: argument {flag}: {out} was made ") and words in line and "--overwrite" in line
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_a_landscape_of_other_settings(students, tiny_dataset, tmp_path):
+    out = tmp_path / "land"
+    small = ["--resolution", "2", "--x-range", "0", "1", "--y-range", "0", "1", "--chunk-size", "7"]
+    run(students, tiny_dataset, out, *small)
+    old = {p.name: p.read_bytes() for p in (out / "chunks").iterdir()}
+    table = run(students, tiny_dataset, out, *small, "--bn", "eval", "--overwrite")
+    assert json.loads((out / "fingerprint.json").read_text())["defines"]["--bn"] == "eval"
+    assert json.loads((out / "landscape.json").read_text())["settings"]["bn"] == "eval"
+    new = {p.name: p.read_bytes() for p in (out / "chunks").iterdir()}
+    assert new.keys() == old.keys() and new != old  # every chunk evaluated again, under the new settings
+    assert len(table[table.metric == "norm"]) == 4 + 3
+
+
+def test_the_same_command_twice_evaluates_nothing(grid, students, tiny_dataset, monkeypatch):
+    table, out = grid
+    chunks = snapshot(out / "chunks")
+    monkeypatch.setattr(landscape, "PointEvaluator", lambda *a, **k: pytest.fail("a finished chunk was recomputed"))
+    run(students, tiny_dataset, out, *GRID)
+    assert snapshot(out / "chunks") == chunks
+    pd.testing.assert_frame_equal(pd.read_csv(out / "landscape.csv"), table)
 
 
 def test_report_only_redraws_and_pushes_table_settings_and_figure_through_the_single_seam(grid, fake_hub):

@@ -1,6 +1,10 @@
 """Linear mode connectivity (lmc.py, utils/lmc.py): exact endpoints, zero barrier for a self-pair, both barrier
 definitions, BN statistics recomputed exactly, copies that differ only through their data seed, and the script."""
 import copy
+import json
+import shutil
+import statistics
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -8,7 +12,9 @@ import torch
 
 import lmc
 from supervised_helpers import TINY_RECIPE, NoSignal, save_tiny_student, tiny_classifier, tiny_data, tiny_trainer
-from utils.data import Normalizer
+from utils.data import Normalizer, load_dataset
+from utils.hub import resolve_student
+from utils.supervised import Classifier, SupervisedTrainer
 from utils.lmc import barriers, error_along_path, interpolate_state, recompute_bn_stats
 
 
@@ -82,11 +88,32 @@ def test_copies_with_the_same_data_seed_are_identical_and_with_different_seeds_d
             probe.load_state_dict(state)
             if bn == "recompute":
                 recompute_bn_stats(probe, images, trainer.normalize, 32)
-            assert errors[gamma_end] == 1 - trainer.evaluate(probe)
+            assert errors[gamma_end] == pytest.approx(error_by_hand(probe, tiny_data()), abs=1e-6)  # 1 image: 1/24
         self_pair = error_along_path(probe, runs["a"], runs["a"], torch.linspace(0, 1, 7).tolist(), trainer.evaluate,
                                      bn, images, trainer.normalize, 32)
         assert barriers(torch.linspace(0, 1, 7).tolist(), self_pair) == {"linear": 0.0, "mean": 0.0,
                                                                          "max_error": self_pair[0]}
+
+
+def error_by_hand(model, data) -> float:
+    """Test error in eval mode, one forward pass over the clean, normalised test images (float32 rounding: the
+    scripts compute 1 - accuracy)."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(Normalizer(data.mean, data.std, "cpu")(data.test.images))
+    return float((logits.argmax(1) != data.test.labels).float().mean())
+
+
+def check_pair_rows_against_their_curves(table: pd.DataFrame, curves: pd.DataFrame) -> None:
+    for _, row in table.iterrows():
+        curve = curves[(curves.student == row.student) & (curves.start == row.start) & (curves.copy_i == row.copy_i)
+                       & (curves.copy_j == row.copy_j)].sort_values("gamma")
+        g, e = curve.gamma.tolist(), curve.error.tolist()
+        assert g[0] == 0 and g[-1] == 1 and (row.error_i, row.error_j) == (e[0], e[-1])
+        assert row.max_error == max(e)
+        assert row.barrier_mean == pytest.approx(max(e) - (e[0] + e[-1]) / 2, abs=1e-12)
+        assert row.barrier_linear == pytest.approx(max(x - ((1 - t) * e[0] + t * e[-1]) for t, x in zip(g, e)),
+                                                   abs=1e-12)
 
 
 def test_lmc_end_to_end_writes_tables_and_figure(tiny_dataset, tmp_path, capsys):
@@ -99,11 +126,110 @@ def test_lmc_end_to_end_writes_tables_and_figure(tiny_dataset, tmp_path, capsys)
     assert table.start.tolist() == ["student", "init"] and len(curves) == 2 * 5
     for _, row in table.iterrows():  # endpoints are the copies' own final test errors (BN as trained)
         for col, seed in (("error_i", row.copy_i), ("error_j", row.copy_j)):
-            result = pd.read_json(out / row.start / f"copy-{seed}" / "result.json", typ="series")
+            result = pd.read_json(out / row.student / row.start / f"copy-{seed}" / "result.json", typ="series")
             assert row[col] == pytest.approx(1 - result["final"], abs=1e-12)
-    assert (table.max_error >= table[["error_i", "error_j"]].max(axis=1)).all()
+    check_pair_rows_against_their_curves(table, curves)
     assert (out / "lmc.png").stat().st_size > 10_000 and (out / "lmc_summary.csv").exists()
     assert "barrier_linear_mean" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------ default BN, several students, fingerprints
+def lmc_args(students, dataset, out, *extra):
+    return ["--student", *map(str, students), "--dataset", str(dataset), "--output-dir", str(out), *TINY_RECIPE,
+            "--epochs", "1", "--starts", "student", "--copies", "3", "--gammas", "3", "--bn-subset", "128", *extra]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every path under `folder`, with each file's bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def two_students(tiny_dataset, tmp_path_factory):
+    """Two students, 3 copies each (3 pairs), BatchNorm recomputed at every point (the default)."""
+    root = tmp_path_factory.mktemp("lmc2")
+    students = [save_tiny_student(root / "a", alpha=0.5), save_tiny_student(root / "b", alpha=0.7)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RANDOM_TEACHERS_CACHE", str(root / "cache"))
+        assert lmc.main(lmc_args(students, tiny_dataset, root / "run")) == 0
+    made = json.loads((root / "run" / "fingerprint.json").read_text())
+    folders = [root / "run" / entry["folder"] for entry in made["students"]]
+    return students, root / "run", folders
+
+
+def test_default_bn_recomputes_statistics_at_every_point_end_to_end(two_students, tiny_dataset):
+    students, out, folders = two_students
+    data = load_dataset(str(tiny_dataset))
+    normalize = Normalizer(data.mean, data.std, "cpu")
+    bn_images = normalize(data.train.images[torch.randperm(256, generator=torch.Generator().manual_seed(0))[:128]])
+    for student, folder in zip(students, folders):
+        curves = pd.read_csv(folder / "lmc_curves.csv")
+        assert len(curves) == 3 * 3 and set(curves.gamma) == {0.0, 0.5, 1.0}
+        check_pair_rows_against_their_curves(pd.read_csv(folder / "lmc_table.csv"), curves)
+        net = resolve_student(str(student))[0]
+        model = Classifier(net.encoder, net.embed_dim, 10, 0)
+        a, b = (torch.load(folder / "student" / f"copy-{k}" / "final.pt")["model"] for k in (0, 1))
+        for gamma in (0.0, 0.5, 1.0):
+            model.load_state_dict({k: ((1 - gamma) * v.double() + gamma * b[k].double()).to(v.dtype)
+                                   if v.is_floating_point() else v for k, v in a.items()})
+            for m in model.modules():  # statistics of the BN subset, as one train-mode pass
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.reset_running_stats()
+                    m.momentum = None
+            with torch.no_grad():
+                model.train()(bn_images)
+            got = curves[(curves.copy_i == 0) & (curves.copy_j == 1) & (curves.gamma == gamma)].error.item()
+            assert got == pytest.approx(error_by_hand(model, data), abs=1e-6), gamma  # one image: 1/128
+
+
+def test_two_students_aggregate_to_the_mean_and_std_over_every_student_and_pair(two_students):
+    _, out, folders = two_students
+    rows = pd.concat([pd.read_csv(f / "lmc_table.csv") for f in folders])
+    (got,) = pd.read_csv(out / "lmc_summary.csv").itertuples()
+    assert got.start == "student" and got.pairs == 6 and got.students == 2
+    for column in ("max_error", "barrier_linear", "barrier_mean"):
+        values = [100 * v for v in rows[column]]
+        assert getattr(got, f"{column}_mean") == pytest.approx(statistics.mean(values), abs=1e-9)
+        assert getattr(got, f"{column}_std") == pytest.approx(statistics.stdev(values), abs=1e-9)
+    endpoint = [100 * (i + j) / 2 for i, j in zip(rows.error_i, rows.error_j)]
+    assert got.endpoint_error_mean == pytest.approx(statistics.mean(endpoint), abs=1e-9)
+    assert len(pd.read_csv(out / "lmc_curves.csv")) == 2 * 3 * 3
+
+
+@pytest.mark.parametrize("change,flag,words", [
+    ("student", "--student", "from other students (weights hashes"),
+    (["--lr", "0.05"], "--lr", "was made with 0.1, asked 0.05"),
+    (["--epochs", "2"], "--epochs", "was made with 1, asked 2"),
+    (["--bn", "interpolate"], "--bn", 'was made with "recompute", asked "interpolate"'),
+])
+def test_another_student_or_other_settings_are_refused_and_change_nothing(change, flag, words, two_students,
+                                                                          tiny_dataset, tmp_path, monkeypatch,
+                                                                          capsys):
+    students, out, _ = two_students
+    monkeypatch.setattr("utils.data.load_dataset", lambda *a, **k: pytest.fail("data loaded before the check"))
+    before = snapshot(out)
+    argv = lmc_args([students[0], save_tiny_student(tmp_path / "c", alpha=0.9)], tiny_dataset, out) \
+        if change == "student" else lmc_args(students, tiny_dataset, out, *change)
+    with pytest.raises(SystemExit) as exit_info:
+        lmc.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: argument {flag}: {out} was made ") and words in err[0], err
+    assert snapshot(out) == before
+
+
+def test_the_same_command_twice_trains_and_interpolates_nothing(two_students, tiny_dataset, tmp_path, monkeypatch):
+    students, out, folders = two_students
+    before = {f: snapshot(f) for f in folders}
+    monkeypatch.setattr(SupervisedTrainer, "step", lambda *a: pytest.fail("a finished copy was retrained"))
+    monkeypatch.setattr(lmc, "error_along_path", lambda *a, **k: pytest.fail("a finished pair was recomputed"))
+    summary = pd.read_csv(out / "lmc_summary.csv")
+    moved = shutil.copytree(students[0], tmp_path / "moved")  # the same weights under another name
+    assert lmc.main(lmc_args([students[1], moved], tiny_dataset, out)) == 0  # nor does the students' order
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(["configs", *(f.name for f in folders)])
+    assert all(snapshot(f) == before[f] for f in folders)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "lmc_summary.csv"), summary)
 
 
 @pytest.mark.parametrize("extra,flag", [(["--copies", "1"], "--copies"), (["--gammas", "1"], "--gammas"),

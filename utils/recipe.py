@@ -35,7 +35,8 @@ def add_student_args(p) -> None:
     """The starting point and the data: --student (the existing loader's three forms) and the data flags."""
     from utils.cli import add_data_args
 
-    p.add_argument("--student", help="train_distill.py run folder, save_pretrained folder or Hub model id")
+    p.add_argument("--student", nargs="+", metavar="RUN", help="train_distill.py run folder, save_pretrained "
+                   "folder or Hub model id; several: one subfolder each, results aggregated across them")
     p.add_argument("--student-revision", help="Hub revision of the student")
     add_data_args(p, default_dataset=None)
 

@@ -8,8 +8,10 @@ function of the epoch, so a run resumes exactly from any step and two runs diffe
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -144,11 +146,11 @@ class SupervisedTrainer:
 
     # ---- a run
     def train(self, folder: Path, data_seed: int, start_epoch: int, preempt, desc: str = "train",
-              on_epoch_end=None) -> dict | None:
+              on_epoch_end=None, on_fresh_start=None) -> dict | None:
         """Train epochs start_epoch+1 .. recipe.epochs from the current state, resuming from
         `folder/checkpoints` when an interrupted run left one. Returns {best, final, best_epoch, steps}, or None
         when SIGTERM/SIGUSR1 arrived (a checkpoint was written at that step). `on_epoch_end(epoch)` runs after
-        each epoch (rewind points)."""
+        each epoch (rewind points); `on_fresh_start()` before the first step when no checkpoint was resumed."""
         acc, recipe = self.accelerator, self.recipe
         n, world = len(self.train_labels), acc.num_processes
         log = MetricLog(folder / "metrics.csv")
@@ -156,6 +158,8 @@ class SupervisedTrainer:
         restored = load_latest_checkpoint(acc, folder / "checkpoints")
         if restored:
             pos, log.rows = {k: restored[k] for k in pos}, restored["rows"]
+        elif on_fresh_start is not None:
+            on_fresh_start()
         steps_per_epoch = len(epoch_batches(n, recipe.batch_size, data_seed, 1, world))
         bar = tqdm(total=(recipe.epochs - start_epoch) * steps_per_epoch, initial=pos["step"], desc=desc,
                    disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
@@ -231,31 +235,112 @@ def dataset_of(args, run_config) -> str:
     return dataset
 
 
-def setup_run(args, kind: str):
-    """What imp.py and lmc.py both build from their flags: the --student, the dataset (uint8 tensors on the
-    device), the run folder with a per-invocation config (parallel Slurm jobs share the folder), and one
-    SupervisedTrainer. Returns (student, data, trainer, out, run_id)."""
+# Arguments of the supervised recipe and its data that change a number (utils.fingerprint): the rest (evaluation
+# batch size, checkpoint options, output and Hub options) change none.
+SUPERVISED_SETTINGS = ("dataset", "image_column", "label_column", "train_split", "test_split", "revision", "image_size",
+                       "epochs", "lr", "lr_milestones", "lr_decay", "momentum", "weight_decay", "batch_size",
+                       "crop_padding", "no_flip", "head_seed", "eval_every")
+# What imp.py / lmc.py folders held before each student had a subfolder (replaced with --overwrite only).
+OLD_LAYOUT = ("seed-*", "student", "init", "checkpoint")
+
+
+def load_students(args) -> list[SimpleNamespace]:
+    """Every --student, loaded: its network, run config, reference, weights hash and subfolder name
+    (`<name>-<first 8 hex of the hash>`). All of one architecture (one trainer serves them) and one dataset."""
+    from utils import fingerprint
+
+    students = []
+    for ref in args.student or [None]:  # none given: load_student says --student is required
+        net, run_config = load_student(ref, args.student_revision)
+        digest = fingerprint.weights_hash(net)
+        for other in students:
+            if other.hash == digest:
+                raise UsageError("--student", f"{other.ref} and {ref} are the same student (weights hash "
+                                              f"{fingerprint.short(digest)}); give each one once")
+            if other.net.arch != net.arch:
+                diff = ", ".join(f"{k} {other.net.arch[k]} vs {net.arch[k]}" for k in net.arch
+                                 if net.arch[k] != other.net.arch.get(k))
+                raise UsageError("--student", f"{other.ref} and {ref} have different architectures ({diff}); "
+                                              "results are aggregated across students of one architecture")
+        students.append(SimpleNamespace(net=net, run_config=run_config, ref=ref, hash=digest,
+                                        name=fingerprint.display_name(ref),
+                                        folder=f"{fingerprint.display_name(ref)}-{fingerprint.short(digest)}"))
+    datasets = {dataset_of(args, s.run_config) for s in students}
+    if len(datasets) > 1:
+        raise UsageError("--dataset", f"the students were distilled on different datasets "
+                                      f"({', '.join(sorted(datasets))}); name the one to train on")
+    args.dataset = datasets.pop()
+    return students
+
+
+def default_folder(kind: str, students) -> Path:
+    """runs/<kind>-<student name>-<weights hash>; several: runs/<kind>-<first name>-and-<n-1>-more-<hash of all>."""
+    from utils import fingerprint
+
+    if len(students) == 1:
+        return Path("runs") / f"{kind}-{students[0].folder}"
+    combined = hashlib.sha256(" ".join(sorted(s.hash for s in students)).encode()).hexdigest()
+    return Path("runs") / f"{kind}-{students[0].name}-and-{len(students) - 1}-more-{fingerprint.short(combined)}"
+
+
+def setup_run(args, kind: str, defines: dict, outputs: tuple[str, ...]):
+    """What imp.py and lmc.py both build from their flags: the --students, the run folder (checked against its
+    fingerprint before anything else: see utils.fingerprint), the dataset (uint8 tensors on the device) and one
+    SupervisedTrainer; then, the run being ready, the folder's old results are discarded if --overwrite replaces
+    them and the fingerprints are written (the folder's and each student's subfolder's), with a per-invocation
+    config (parallel Slurm jobs share the folder). `defines`: the script's own arguments that change a number;
+    `outputs`: the files the script writes at the top of the folder and in each subfolder.
+    Returns (students, data, trainer, out, run_id)."""
     from accelerate import Accelerator
 
+    from utils import fingerprint
+    from utils.cli import check_output_dir
     from utils.data import Normalizer, load_dataset
     from utils.hub import new_run_id
     from utils.results import environment, write_json
 
-    student, run_config = load_student(args.student, args.student_revision)
-    dataset = dataset_of(args, run_config)
+    students = load_students(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    out = Path(args.output_dir) if args.output_dir else check_output_dir("--output-dir", default_folder(kind, students))
+    dataset = args.dataset
+    common = {**fingerprint.settings(args, SUPERVISED_SETTINGS),
+              "--dataset": str(Path(dataset).resolve()) if Path(dataset).exists() else dataset,
+              "--mixed-precision": accelerator.mixed_precision, **defines}
+    top = {"--student": sorted(s.hash for s in students), **common}
+    previous = fingerprint.read(out) or {}
+    known = {entry["weights_sha256"]: entry["folder"] for entry in previous.get("students", [])}
+    for s in students:  # a student already in the folder keeps its subfolder, whatever path it is given by now
+        s.folder = known.get(s.hash, s.folder)
+    owned = sorted({out / s.folder for s in students} | {out / s["folder"] for s in previous.get("students", [])} |
+                   {out / name for name in (*outputs, "configs")} |
+                   {p for pattern in OLD_LAYOUT for p in out.glob(pattern)})
+    state = fingerprint.check(out, kind, top, args.overwrite, owned)
+    if state == "continue":  # the same students and settings: each subfolder must agree too
+        for s in students:
+            fingerprint.check(out / s.folder, kind, {**common, "--student": s.hash}, False,
+                              [out / s.folder / name for name in outputs])
     with accelerator.main_process_first():
         data = load_dataset(dataset, args.image_column, args.label_column, args.train_split, args.test_split,
                             args.revision, args.image_size, args.data_cache)
-    out = Path(args.output_dir or f"runs/{kind}-{Path(dataset).name}-{student.arch['model']}")
-    run_id = new_run_id(out.name)
-    if accelerator.is_main_process:
-        write_json(out / "configs" / f"{run_id}.json",
-                   {**{k: v for k, v in vars(args).items() if k != "recipe"}, "dataset": dataset, "run_id": run_id,
-                    "student_config": student.config(), "num_classes": data.num_classes,
-                    "world_size": accelerator.num_processes, "environment": environment()})
-    shape = Classifier(student.encoder, student.embed_dim, data.num_classes, args.head_seed)  # states load into it
+    first = students[0].net
+    shape = Classifier(first.encoder, first.embed_dim, data.num_classes, args.head_seed)  # states load into it
     trainer = SupervisedTrainer(accelerator, shape, args.recipe, data, Normalizer(data.mean, data.std,
                                 accelerator.device), args.eval_batch_size, args.eval_every, args.checkpoint_every,
                                 args.keep_checkpoints)
-    return student, data, trainer, out, run_id
+    run_id = new_run_id(out.name)
+    if accelerator.is_main_process:  # ready: only now is anything deleted or written
+        if state == "replace":
+            fingerprint.discard(out, owned)
+        about = [{"ref": s.ref, "folder": s.folder, "weights_sha256": s.hash, "config": s.net.config()}
+                 for s in students]
+        if fingerprint.read(out) is None:
+            fingerprint.write(out, kind, top, students=about)
+        for s, entry in zip(students, about):
+            if fingerprint.read(out / s.folder) is None:
+                fingerprint.write(out / s.folder, kind, {**common, "--student": s.hash}, students=[entry])
+        write_json(out / "configs" / f"{run_id}.json",
+                   {**{k: v for k, v in vars(args).items() if k != "recipe"}, "run_id": run_id,
+                    "students": about, "num_classes": data.num_classes,
+                    "world_size": accelerator.num_processes, "environment": environment()})
+    accelerator.wait_for_everyone()
+    return students, data, trainer, out, run_id

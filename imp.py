@@ -18,15 +18,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import (ArgumentParser, UsageError, check_outside_students, check_report_folder, count, main_guard,
-                       open_fraction, seed)
+from utils.cli import (TRAINING_EXIT_STATUS, ArgumentParser, UsageError, check_outside_students, check_report_folder,
+                       count, main_guard, open_fraction, seed)
 from utils.recipe import SCOPES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("imp_table.csv", "imp_summary.csv", "imp.png")
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@", epilog=TRAINING_EXIT_STATUS)
     add_student_args(p)
     i = p.add_argument_group("IMP (SPEC §5)")
     i.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS),

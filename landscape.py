@@ -45,9 +45,9 @@ def point_spec(text: str) -> tuple[str, str]:
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                       epilog="Exit status: 0 done, 1 the Hub push failed or a write failed (disk full), 2 bad input, 130/143/138 "
-                              "stopped by Ctrl-C/SIGTERM/SIGUSR1 (finished chunks kept: rerun the same command to "
-                              "resume).")
+                       epilog="Exit status: 0 done, 1 the Hub push or a write failed (disk full), 2 bad input, "
+                              "130/143/138 stopped by Ctrl-C/SIGTERM/SIGUSR1 (finished chunks kept: rerun the same "
+                              "command to resume).")
     g = p.add_argument_group("plane")
     g.add_argument("--points", nargs=3, metavar="REF[:SEL]", help="the three points (required); the first one's "
                    "run gives the teacher, the dataset and the data settings")

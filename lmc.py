@@ -19,8 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import (MAX_SEED, ArgumentParser, UsageError, check_outside_students, check_range,
-                       check_report_folder, count, main_guard, seed)
+from utils.cli import (MAX_SEED, TRAINING_EXIT_STATUS, ArgumentParser, UsageError, check_outside_students,
+                       check_range, check_report_folder, count, main_guard, seed)
 from utils.recipe import BN_MODES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("lmc_table.csv", "lmc_curves.csv", "lmc_summary.csv", "lmc.png")
@@ -28,7 +28,7 @@ LABELS = {"student": "start: student θ_S*", "init": "start: initialisation θ_S
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@", epilog=TRAINING_EXIT_STATUS)
     add_student_args(p)
     m = p.add_argument_group("mode connectivity (SPEC §6)")
     m.add_argument("--starts", nargs="+", choices=STARTS + ("checkpoint",), default=list(STARTS),
@@ -164,7 +164,7 @@ def main(argv=None):
                                                         args.hub_private, "lmc.py") else 1
     checkpoint = read_start_checkpoint(args)
 
-    def check(data, trainer):  # before anything is written: a refused command creates nothing
+    def check(student, data, trainer):  # before anything is written: a refused command creates nothing
         check_range("--bn-subset", args.bn_subset, 1, len(data.train))
         if checkpoint is not None:
             check_state_fits(checkpoint, trainer.raw, Path(args.checkpoint), "--checkpoint")

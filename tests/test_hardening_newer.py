@@ -64,6 +64,10 @@ def place(tmp_path_factory) -> Path:
     (root / "notes.txt").write_text("not a checkpoint\n")
     (root / "evil.pt").write_bytes(b"\x80\x04\x95" + b"garbage" * 20)
     torch.save({"model": {"fc.weight": torch.zeros(3, 7)}, "epoch": 0}, root / "other-arch.pt")
+    save_tiny_student(root / "seedless")  # e.g. a Hub student: its initialisation cannot be rebuilt
+    config = json.loads((root / "seedless" / "config.json").read_text())
+    (root / "seedless" / "config.json").write_text(json.dumps(config | {"alpha": None, "student_seed": None,
+                                                                         "teacher_seed": None}))
     (root / "lmc-done").mkdir()
     (root / "lmc-done" / "lmc_table.csv").write_text("start\n")
     return root
@@ -229,6 +233,15 @@ def test_a_refused_lmc_command_creates_nothing(what, words, place, tiny_dataset,
     assert not out.exists() and snapshot(place) == before
 
 
+@pytest.mark.parametrize("script", ["imp", "lmc"])
+def test_an_init_start_the_student_cannot_rebuild_creates_nothing(script, place, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = lmc_args(place / "seedless", tiny_dataset, out)
+    args = args[:args.index("--copies")] + ["--starts", "init"]
+    line = one_error_line(SCRIPTS[script], args, capsys)
+    assert "--student" in line and "initialisation" in line and not out.exists(), line
+
+
 # --------------------------------------------------------------------------- 3. divergence: exit 3, nothing done
 def no_finished_results(out: Path) -> None:
     for name in ("result.json", "final.pt", "imp_table.csv", "lmc_table.csv", "lmc_curves.csv"):
@@ -315,14 +328,38 @@ def sigint_after(monkeypatch, cls, name, k):
     return lambda: monkeypatch.setattr(cls, name, original)
 
 
+def test_ctrl_c_during_train_distill_checkpoints_and_resumes_bitwise(tiny_dataset, tmp_path, capsys, monkeypatch):
+    import train_distill
+    from conftest import TINY_RUN
+    from safetensors.torch import load_file
+    from utils.distill import DistillStep
+
+    def args(out):
+        return TINY_RUN + ["--model", "flatten", "--alpha", "0.5", "--epochs", "3", "--checkpoint-every", "1",
+                           "--dataset", str(tiny_dataset), "--output-dir", str(out)]
+
+    assert train_distill.main(args(tmp_path / "reference")) == 0
+    undo = sigint_after(monkeypatch, DistillStep, "__call__", 6)  # epoch 2 of 3, after the epoch-1 checkpoint
+    assert train_distill.main(args(tmp_path / "run")) == 130
+    assert "SIGINT received" in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000000006",
+                                                                                    "step-000000004"]
+    undo()
+    assert train_distill.main(args(tmp_path / "run")) == 0
+    got, want = (load_file(str(tmp_path / d / "student" / "model.safetensors")) for d in ("run", "reference"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def finals(out: Path) -> dict:
     return {str(p.relative_to(out)): torch.load(p, weights_only=True)["model"] for p in sorted(out.rglob("final.pt"))}
 
 
 def test_ctrl_c_during_imp_checkpoints_and_resumes_bit_identically(place, tiny_dataset, tmp_path, capsys,
                                                                    monkeypatch):
-    args = lambda out: ["--student", str(place / "student"), "--dataset", str(tiny_dataset), "--output-dir",  # noqa
-                        str(out), *TINY_RECIPE, "--epochs", "1", "--rounds", "1", "--starts", "student"]
+    def args(out):
+        return ["--student", str(place / "student"), "--dataset", str(tiny_dataset), "--output-dir", str(out),
+                *TINY_RECIPE, "--epochs", "1", "--rounds", "1", "--starts", "student"]
+
     assert imp_script.main(args(tmp_path / "reference")) == 0
     handler = signal.getsignal(signal.SIGINT)
     undo = sigint_after(monkeypatch, SupervisedTrainer, "step", 4 + 2)  # 2 steps into round 1
@@ -356,10 +393,13 @@ def test_ctrl_c_during_landscape_keeps_the_finished_chunks_and_resumes(place, ti
                                                                        monkeypatch):
     _, other = make_teacher_student(TINY_ARCH, teacher_seed=0, student_seed=2, alpha=1.0)
     other.save_pretrained(tmp_path / "other")
-    args = lambda out: ["--points", f"{place / 'student'}:teacher", str(place / "student"), str(tmp_path / "other"),  # noqa
-                        "--dataset", str(tiny_dataset), "--train-images", "32", "--test-images", "16", "--batch-size",
-                        "16", "--probe-epochs", "1", "--knn-k", "5", "--resolution", "2", "--chunk-size", "1",
-                        "--output-dir", str(out)]
+
+    def args(out):
+        return ["--points", f"{place / 'student'}:teacher", str(place / "student"), str(tmp_path / "other"),
+                "--dataset", str(tiny_dataset), "--train-images", "32", "--test-images", "16", "--batch-size", "16",
+                "--probe-epochs", "1", "--knn-k", "5", "--resolution", "2", "--chunk-size", "1", "--output-dir",
+                str(out)]
+
     assert landscape.main(args(tmp_path / "reference")) == 0
     undo = sigint_after(monkeypatch, PointEvaluator, "__call__", 3)
     assert landscape.main(args(tmp_path / "run")) == 130

@@ -25,6 +25,13 @@ EXIT_USAGE, EXIT_FAILED, EXIT_UNWRITABLE, EXIT_SIGINT = 2, 3, 1, 130
 MAX_SEED = 2**32 - 1
 
 
+# The --help epilog of the scripts that train (imp.py, lmc.py).
+TRAINING_EXIT_STATUS = ("Exit status: 0 done (finished parts are skipped on a rerun), 1 the Hub push or a write "
+                        "failed (disk full; finished parts kept), 2 bad input (nothing changed on disk), 3 a run "
+                        "diverged (nothing recorded as finished; its last good checkpoint kept), 130/143/138 stopped "
+                        "by Ctrl-C/SIGTERM/SIGUSR1 after a checkpoint (rerun the same command to resume).")
+
+
 class UsageError(Exception):
     """Bad user input. Scripts print it as one line naming the flag and exit with status 2."""
 

@@ -287,8 +287,9 @@ def dataset_of(args, run_config) -> str:
 def setup_run(args, kind: str, check=None):
     """What imp.py and lmc.py both build from their flags: the --student, the dataset (uint8 tensors on the
     device), the run folder with a per-invocation config (parallel Slurm jobs share the folder), and one
-    SupervisedTrainer. `check(data, trainer)` runs the script's checks that need the data or the network before
-    anything is written, so a refused command creates nothing. Returns (student, data, trainer, out, run_id)."""
+    SupervisedTrainer. `check(student, data, trainer)` runs the script's checks that need the student, the data
+    or the network before anything is written, so a refused command creates nothing. Returns (student, data,
+    trainer, out, run_id)."""
     from accelerate import Accelerator
 
     from utils.cli import writing_to
@@ -307,8 +308,10 @@ def setup_run(args, kind: str, check=None):
     trainer = SupervisedTrainer(accelerator, shape, args.recipe, data, Normalizer(data.mean, data.std,
                                 accelerator.device), args.eval_batch_size, args.eval_every, args.checkpoint_every,
                                 args.keep_checkpoints)
+    if "init" in getattr(args, "starts", ()):
+        start_encoder(student, "init")  # a student without the seeds that rebuild its initialisation: refused now
     if check is not None:
-        check(data, trainer)
+        check(student, data, trainer)
     run_id = new_run_id(out.name)
     if accelerator.is_main_process:  # checked: only now is anything written
         writing_to(out)

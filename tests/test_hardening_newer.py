@@ -30,7 +30,7 @@ from utils.cli import main_guard, writing_to
 from utils.landscape import PointEvaluator
 from utils.models import make_teacher_student
 from utils.results import atomic_path, write_json
-from utils.supervised import SupervisedTrainer
+from utils.supervised import SupervisedTrainer, epoch_augmentation
 
 _spec = importlib.util.spec_from_file_location("imp_script", ROOT / "imp.py")  # not the stdlib's `imp`
 imp_script = importlib.util.module_from_spec(_spec)
@@ -231,6 +231,21 @@ def test_a_refused_lmc_command_creates_nothing(what, words, place, tiny_dataset,
     line = one_error_line(lmc.main, args, capsys)
     assert words in line and len(line) < 400, line
     assert not out.exists() and snapshot(place) == before
+
+
+def test_a_rewind_point_is_read_without_running_code_and_fits_its_network(tmp_path):
+    """What imp.py saves as a rewind point (weights, SGD momentum, epoch) passes the --checkpoint checks as it is."""
+    from supervised_helpers import tiny_trainer
+    from utils.supervised import check_state_fits, read_supervised_state, save_state_file
+
+    trainer = tiny_trainer()
+    batch = torch.arange(16)
+    trainer.step(batch, *epoch_augmentation(len(trainer.train_labels), 0, 1, trainer.recipe, "cpu"))
+    save_state_file(tmp_path / "epoch-1.pt", trainer.state(), epoch=1)
+    state = read_supervised_state(tmp_path / "epoch-1.pt", "--checkpoint")
+    assert state["epoch"] == 1 and state["optimizer"]["state"]  # the momentum came along
+    check_state_fits(state, trainer.raw, tmp_path / "epoch-1.pt", "--checkpoint")
+    assert all(torch.equal(v, trainer.raw.state_dict()[k]) for k, v in state["model"].items())
 
 
 @pytest.mark.parametrize("script", ["imp", "lmc"])

@@ -23,27 +23,30 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import ArgumentParser, UsageError, check_range, check_report_folder, main_guard
+from utils.cli import (TRAINING_EXIT_STATUS, ArgumentParser, UsageError, check_outside_students, check_report_folder,
+                       count, main_guard, open_fraction, seed)
 from utils.recipe import SCOPES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("imp_table.csv", "imp_summary.csv", "imp.png")
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@", epilog=TRAINING_EXIT_STATUS)
     add_student_args(p)
     i = p.add_argument_group("IMP (SPEC §5)")
     i.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS),
                    help="student: theta_S*, rewound to l = 0; init: theta_S, rewound to each --rewind-epochs")
-    i.add_argument("--rewind-epochs", type=int, nargs="+", default=[0, 1, 2, 5],
+    i.add_argument("--rewind-epochs", type=count(0), nargs="+", default=[0, 1, 2, 5],
                    help="rewind points (epochs of the dense run) of the init start")
-    i.add_argument("--rounds", type=int, default=15, help="pruning rounds after the dense round 0")
-    i.add_argument("--prune-fraction", type=float, default=0.2, help="fraction of the remaining weights per round")
+    i.add_argument("--rounds", type=count(1, 100), default=15,
+                   help="pruning rounds after the dense round 0 (only the dense round: --dense-only)")
+    i.add_argument("--prune-fraction", type=open_fraction, default=0.2,
+                   help="fraction of the remaining weights per round")
     i.add_argument("--prune-scope", choices=SCOPES, default="weights",
                    help="weights: conv and linear weights (default, OpenLTH); all: every parameter (official code)")
     i.add_argument("--no-rewind-optimizer", action="store_true",
                    help="fresh SGD momentum at the rewind point (OpenLTH) instead of the saved one (official code)")
-    i.add_argument("--seeds", type=int, nargs="+", default=[0],
+    i.add_argument("--seeds", type=seed, nargs="+", default=[0],
                    help="one IMP run per seed and student: data order and augmentation, and the classifier "
                         "(--head-seed + seed); the summary averages over every (student, seed) run")
     i.add_argument("--dense-only", action="store_true",
@@ -60,14 +63,12 @@ def parse_args(argv=None):
     r.add_argument("--hub-private", action="store_true")
     args = p.parse_args(argv)
     args.recipe = recipe_from_args(args)
-    if not 0 < args.prune_fraction < 1:
-        raise UsageError("--prune-fraction", f"must be in (0, 1), got {args.prune_fraction}")
-    check_range("--rounds", args.rounds, integer_min=0)
-    for epoch in args.rewind_epochs:
+    for epoch in args.rewind_epochs if "init" in args.starts else []:  # only the init start rewinds to them
         if not 0 <= epoch < args.epochs:
             raise UsageError("--rewind-epochs", f"rewind epoch {epoch} is beyond the run: must be in "
                                                 f"[0, --epochs - 1 = {args.epochs - 1}]")
-    check_report_folder(args, "IMP")
+    check_report_folder(args, "IMP", made_by="configs")
+    check_outside_students("--output-dir", args.output_dir, args.student)
     return args
 
 
@@ -288,18 +289,22 @@ def main(argv=None):
     preempt = PreemptionSignal()
     try:
         for student in students:
-            for seed in args.seeds:
+            for data_seed in args.seeds:
                 for start in args.starts:
-                    base = out / student.folder / f"seed-{seed}" / start
-                    if not dense_round(trainer, student.net, args, seed, start, base, preempt):
+                    base = out / student.folder / f"seed-{data_seed}" / start
+                    if not dense_round(trainer, student.net, args, data_seed, start, base, preempt):
                         return preempt.exit_status()
                     for rewind in ([] if args.dense_only else rewind_points(start, args)):
-                        if not pruned_rounds(trainer, args, seed, start, rewind, base, preempt):
+                        if not pruned_rounds(trainer, args, data_seed, start, rewind, base, preempt):
                             return preempt.exit_status()
     finally:
         preempt.restore()
 
     if not trainer.accelerator.is_main_process:
+        return 0
+    if args.dense_only:  # no pruned round yet: a table now would be empty, not a result
+        print(f"\nthe dense round 0 and its rewind points are finished in {out}; the same command without "
+              "--dense-only runs the pruning rounds and writes imp_table.csv")
         return 0
     summary = report(out)
     print(f"\nIMP test accuracy (%), mean ± std over {len(students)} student(s) x {len(args.seeds)} seed(s) -> {out}")

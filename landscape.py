@@ -22,12 +22,16 @@ import hashlib
 import sys
 from pathlib import Path
 
-from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, check_output_dir, check_report_folder,
-                       count, main_guard, positive)
+from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, between, bounded, check_output_dir,
+                       check_outside_students, check_report_folder, count, main_guard, seed, writing_to)
 
 SELECTORS = ("teacher", "init", "student")
 BN_MODES = ("batch", "eval", "recompute", "distill")
 OUTPUTS = ("landscape.csv", "landscape.json", "landscape.png")
+# Nodes per axis at most (a 501 x 501 grid is already 250k network evaluations), and the largest coordinate: in
+# units of the points' distances (affine) or of parameter norm (ortho), far beyond any figure, and small enough
+# that theta and its norm stay finite in float32.
+MAX_RESOLUTION, MAX_COORDINATE = 501, 1e4
 
 
 def point_spec(text: str) -> tuple[str, str]:
@@ -43,8 +47,9 @@ def point_spec(text: str) -> tuple[str, str]:
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                       epilog="Exit status: 0 done, 1 the Hub push failed, 2 bad input, 143/138 stopped by "
-                              "SIGTERM/SIGUSR1 (rerun the same command to resume).")
+                       epilog="Exit status: 0 done, 1 the Hub push or a write failed (disk full), 2 bad input, "
+                              "130/143/138 stopped by Ctrl-C/SIGTERM/SIGUSR1 (finished chunks kept: rerun the same "
+                              "command to resume).")
     g = p.add_argument_group("plane")
     g.add_argument("--points", nargs=3, metavar="REF[:SEL]", help="the three points (required); the first one's "
                    "run gives the teacher, the dataset and the data settings")
@@ -56,14 +61,16 @@ def parse_args(argv=None):
                    help="parameters the plane moves: the whole network, or the encoder only, with the losses "
                         "between embeddings (Figs. 17-18)")
     a = p.add_argument_group("grid")
-    a.add_argument("--resolution", type=count(2), nargs="+", default=[21], metavar="N",
-                   help="nodes per axis: N, or NX NY")
-    a.add_argument("--x-range", type=float, nargs=2, metavar=("MIN", "MAX"), help="default: fitted to the points")
-    a.add_argument("--y-range", type=float, nargs=2, metavar=("MIN", "MAX"), help="default: fitted to the points")
-    a.add_argument("--margin", type=positive, default=0.25,
+    a.add_argument("--resolution", type=count(2, MAX_RESOLUTION), nargs="+", default=[21], metavar="N",
+                   help=f"nodes per axis: N, or NX NY (at most {MAX_RESOLUTION})")
+    a.add_argument("--x-range", type=bounded(MAX_COORDINATE), nargs=2, metavar=("MIN", "MAX"),
+                   help=f"default: fitted to the points (|MIN|, |MAX| <= {MAX_COORDINATE:g})")
+    a.add_argument("--y-range", type=bounded(MAX_COORDINATE), nargs=2, metavar=("MIN", "MAX"),
+                   help=f"default: fitted to the points (|MIN|, |MAX| <= {MAX_COORDINATE:g})")
+    a.add_argument("--margin", type=between(0, 100, low_open=True), default=0.25,
                    help="fitted ranges extend this fraction of the points' extent beyond them on each side")
-    a.add_argument("--zoom", type=positive, default=1.0, help="shrink the fitted window by this factor around "
-                                                              "the point --zoom-on (Figs. 16, 18)")
+    a.add_argument("--zoom", type=between(0, 1e6, low_open=True), default=1.0,
+                   help="shrink the fitted window by this factor around the point --zoom-on (Figs. 16, 18)")
     a.add_argument("--zoom-on", type=count(0, 2), default=0, help="index of the point to zoom on (0 = first)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--bn", choices=BN_MODES, default="batch",
@@ -74,7 +81,7 @@ def parse_args(argv=None):
     e.add_argument("--train-images", type=count(1), help="fixed random subset of the train split for the train "
                                                          "losses and the probes' training (default: all)")
     e.add_argument("--test-images", type=count(1), help="fixed random subset of the test split (default: all)")
-    e.add_argument("--subset-seed", type=count(0), default=0, help="which images form the subsets")
+    e.add_argument("--subset-seed", type=seed, default=0, help="which images form the subsets")
     e.add_argument("--batch-size", type=count(2), help="images per forward pass; with batch statistics it is "
                                                        "part of the function (default: the run's, else 256)")
     e.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
@@ -94,12 +101,13 @@ def parse_args(argv=None):
     r.add_argument("--push-to-hub", metavar="REPO", help="upload table, settings and figure to landscape/<id>/")
     r.add_argument("--hub-private", action="store_true")
     args = p.parse_args(argv)
-    check_report_folder(args, "landscape")
+    check_report_folder(args, "landscape", made_by="landscape.csv")
     if args.report_only:
         return args
     if not args.points:
         raise UsageError("--points", "required: three REF[:teacher|init|student]")
     args.specs = [point_spec(t) for t in args.points]
+    check_outside_students("--output-dir", args.output_dir, [ref for ref, _ in args.specs], "--points")
     if len(args.resolution) > 2:
         raise UsageError("--resolution", f"give N or NX NY, got {len(args.resolution)} numbers")
     args.resolution = tuple(args.resolution * 2)[:2]
@@ -268,6 +276,7 @@ def main(argv=None):
             "geometry": plane.geometry(), "images": {k: len(v[0]) for k, v in splits.items()},
             "environment": environment()}
     if accelerator.is_main_process:  # ready (points, data and plane checked): only now is anything deleted or written
+        writing_to(out)
         if state == "replace":
             fingerprint.discard(out, owned)
         if state != "continue":

@@ -24,7 +24,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import ArgumentParser, UsageError, check_range, check_report_folder, main_guard
+from utils.cli import (MAX_SEED, TRAINING_EXIT_STATUS, ArgumentParser, UsageError, check_outside_students,
+                       check_range, check_report_folder, count, main_guard, seed)
 from utils.recipe import BN_MODES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("lmc_table.csv", "lmc_curves.csv", "lmc_summary.csv", "lmc.png")
@@ -32,7 +33,7 @@ LABELS = {"student": "start: student θ_S*", "init": "start: initialisation θ_S
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@", epilog=TRAINING_EXIT_STATUS)
     add_student_args(p)
     m = p.add_argument_group("mode connectivity (SPEC §6)")
     m.add_argument("--starts", nargs="+", choices=STARTS + ("checkpoint",), default=list(STARTS),
@@ -40,14 +41,16 @@ def parse_args(argv=None):
     m.add_argument("--checkpoint", help="start `checkpoint`: a supervised state file (an imp.py rewind point "
                                         "<student>/seed-*/init/round-0/rewind/epoch-L.pt); copies continue from "
                                         "epoch L")
-    m.add_argument("--copies", type=int, default=5, help="copies per start (K >= 2), data seeds S .. S+K-1")
-    m.add_argument("--data-seed", type=int, default=0, help="data seed S of the first copy")
-    m.add_argument("--gammas", type=int, default=50, help="evenly spaced points on each segment, ends included")
+    m.add_argument("--copies", type=count(2, 64), default=5,
+                   help="copies per start (2 <= K <= 64), data seeds S .. S+K-1")
+    m.add_argument("--data-seed", type=seed, default=0, help="data seed S of the first copy")
+    m.add_argument("--gammas", type=count(2, 10_000), default=50,
+                   help="evenly spaced points on each segment, ends included")
     m.add_argument("--bn", choices=BN_MODES, default="recompute",
                    help="BatchNorm statistics at each point: recomputed on a fixed training subset, or interpolated")
-    m.add_argument("--bn-subset", type=int, default=2000, help="training images (un-augmented) for recomputation")
-    m.add_argument("--bn-batch-size", type=int, default=500)
-    m.add_argument("--bn-seed", type=int, default=0, help="which training images form the BN subset")
+    m.add_argument("--bn-subset", type=count(1), default=2000, help="training images (un-augmented) for recomputation")
+    m.add_argument("--bn-batch-size", type=count(2), default=500)
+    m.add_argument("--bn-seed", type=seed, default=0, help="which training images form the BN subset")
     add_recipe_args(p)
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", help="default: runs/lmc-<student folder name>-<weights hash>")
@@ -59,18 +62,16 @@ def parse_args(argv=None):
     r.add_argument("--hub-private", action="store_true")
     args = p.parse_args(argv)
     args.recipe = recipe_from_args(args)
-    if args.copies < 2:
-        raise UsageError("--copies", f"LMC needs at least 2 copies to pair, got {args.copies}")
-    check_range("--gammas", args.gammas, integer_min=2)
-    check_range("--bn-subset", args.bn_subset, integer_min=1)
-    check_range("--bn-batch-size", args.bn_batch_size, integer_min=2)
+    if args.data_seed + args.copies - 1 > MAX_SEED:
+        raise UsageError("--data-seed", f"the copies' data seeds S .. S+K-1 must stay <= {MAX_SEED}")
     if ("checkpoint" in args.starts) != bool(args.checkpoint):
         raise UsageError("--checkpoint", "give --checkpoint FILE exactly when --starts includes checkpoint")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise UsageError("--checkpoint", f"no such file {args.checkpoint!r}")
     if args.checkpoint and args.student and len(args.student) > 1:
         raise UsageError("--checkpoint", "a checkpoint start belongs to one student: give one --student with it")
-    check_report_folder(args, "LMC")
+    check_report_folder(args, "LMC", made_by="lmc_table.csv")
+    check_outside_students("--output-dir", args.output_dir, args.student)
     return args
 
 
@@ -87,21 +88,27 @@ from utils.checkpoint import PreemptionSignal
 from utils.hub import new_run_id, push_tables
 from utils.lmc import barriers, error_along_path
 from utils.results import atomic_path, markdown_table, write_json, write_table
-from utils.supervised import Classifier, load_state_file, save_state_file, setup_run, start_encoder
+from utils.supervised import (Classifier, check_state_fits, load_state_file, read_supervised_state, save_state_file,
+                               setup_run, start_encoder)
 
 # The arguments of LMC itself that change a number (the recipe's and the data's are added by setup_run).
 LMC_SETTINGS = ("gammas", "bn", "bn_subset", "bn_batch_size", "bn_seed")
 
 
-def start_state(start: str, student, args, num_classes: int) -> dict:
+def read_start_checkpoint(args) -> dict | None:
+    """The --checkpoint start's state, checked before any work: a supervised state file from before --epochs."""
+    if not args.checkpoint:
+        return None
+    state = read_supervised_state(Path(args.checkpoint), "--checkpoint")
+    if state.get("epoch", 0) >= args.epochs:
+        raise UsageError("--checkpoint", f"its epoch {state.get('epoch')} is not before --epochs {args.epochs}")
+    return state
+
+
+def start_state(start: str, student, args, num_classes: int, checkpoint: dict | None) -> dict:
     """{model, epoch[, optimizer]} the copies of `start` begin from (all share the same classifier init)."""
     if start == "checkpoint":
-        state = load_state_file(Path(args.checkpoint))
-        if not isinstance(state, dict) or "model" not in state:
-            raise UsageError("--checkpoint", f"{args.checkpoint} holds no supervised state (no 'model' entry)")
-        if state.get("epoch", 0) >= args.epochs:
-            raise UsageError("--checkpoint", f"its epoch {state.get('epoch')} is not before --epochs {args.epochs}")
-        return state
+        return checkpoint
     net = Classifier(start_encoder(student, start), student.embed_dim, num_classes, args.head_seed)
     return {"model": net.state_dict(), "epoch": 0}
 
@@ -109,16 +116,17 @@ def start_state(start: str, student, args, num_classes: int) -> dict:
 def train_copies(trainer, state: dict, args, folder: Path, preempt) -> list[dict] | None:
     """The K copies of one start (finished ones are skipped); their final states, or None if interrupted."""
     finals = []
-    for seed in range(args.data_seed, args.data_seed + args.copies):
-        copy_dir = folder / f"copy-{seed}"
+    for data_seed in range(args.data_seed, args.data_seed + args.copies):
+        copy_dir = folder / f"copy-{data_seed}"
         if not (copy_dir / "result.json").exists():
             trainer.load_state(state)  # momentum too when the start is a checkpoint that carries it
-            result = trainer.train(copy_dir, seed, state.get("epoch", 0), preempt, f"{folder.name} copy {seed}")
+            result = trainer.train(copy_dir, data_seed, state.get("epoch", 0), preempt,
+                                   f"{folder.name} copy {data_seed}")
             if result is None:
                 return None
             if trainer.accelerator.is_main_process:
                 save_state_file(copy_dir / "final.pt", {"model": trainer.state()["model"]})
-                write_json(copy_dir / "result.json", {"data_seed": seed, **result})
+                write_json(copy_dir / "result.json", {"data_seed": data_seed, **result})
                 shutil.rmtree(copy_dir / "checkpoints", ignore_errors=True)
             trainer.accelerator.wait_for_everyone()
         finals.append(load_state_file(copy_dir / "final.pt")["model"])
@@ -228,8 +236,14 @@ def main(argv=None):
                                                         args.hub_private, "lmc.py") else 1
     defines = {**fingerprint.settings(args, LMC_SETTINGS),
                "--checkpoint": fingerprint.file_hash(Path(args.checkpoint)) if args.checkpoint else None}
-    students, data, trainer, out, run_id = setup_run(args, "lmc", defines, OUTPUTS)
-    check_range("--bn-subset", args.bn_subset, 1, len(data.train))
+    checkpoint = read_start_checkpoint(args)
+
+    def check(students, data, trainer):  # before anything is deleted or written: a refused command changes nothing
+        check_range("--bn-subset", args.bn_subset, 1, len(data.train))
+        if checkpoint is not None:
+            check_state_fits(checkpoint, trainer.raw, Path(args.checkpoint), "--checkpoint")
+
+    students, data, trainer, out, run_id = setup_run(args, "lmc", defines, OUTPUTS, check)
     accelerator = trainer.accelerator
     # the BN subset is the same for every point, pair, start and student
     pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.bn_seed))[:args.bn_subset]
@@ -246,7 +260,7 @@ def main(argv=None):
             # ---- K copies per start, then every pair along the segment
             finals = {}
             for start in args.starts:
-                finals[start] = train_copies(trainer, start_state(start, student.net, args, data.num_classes), args,
+                finals[start] = train_copies(trainer, start_state(start, student.net, args, data.num_classes, checkpoint), args,
                                              folder / start, preempt)
                 if finals[start] is None:
                     return preempt.exit_status()

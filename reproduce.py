@@ -30,7 +30,8 @@ SLURM_SCRIPT = "accelerate_configs/slurm/reproduce_array.sbatch"
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        epilog=f"Grids: {', '.join(available())}. Exit status: 0 every selected point finished, 1 some "
-                              "failed (rerun to retry them), 2 bad input.")
+                              "failed (rerun to retry them), 2 bad input, 130/143/138 stopped by Ctrl-C/SIGTERM/"
+                              "SIGUSR1 (the running point checkpointed: rerun to resume).")
     p.add_argument("verb", choices=("run", "status", "report"))
     p.add_argument("grid", help="the table or figure (a file name in accelerate_configs/experiments/)")
     p.add_argument("--tiny", action="store_true", help="the grid's small digits version (runs on 2 CPU cores)")
@@ -45,16 +46,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # Slurm's two, and Ctrl-C
+
+
 def call_forwarding_signals(cmd: list[str]) -> int:
-    """Run one point's command; SIGTERM / SIGUSR1 (Slurm's) are passed on, so a training run checkpoints before
-    it stops. Returns the child's status, or 128 + the signal if one arrived (then nothing more is started)."""
-    child, received = subprocess.Popen(cmd, cwd=ROOT), []
+    """Run one point's command; SIGTERM / SIGUSR1 (Slurm's) and SIGINT (Ctrl-C) are passed on, so a training run
+    checkpoints before it stops. Returns the child's status, or 128 + the signal if one arrived (then nothing more
+    is started). The child has a process group of its own: a terminal's Ctrl-C, sent to the whole foreground
+    group, reaches it once, through this forwarding, rather than twice."""
+    child, received = None, []
 
     def forward(signum, frame):
         received.append(signum)
-        child.send_signal(signum)
+        if child is not None:
+            child.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    child = subprocess.Popen(cmd, cwd=ROOT, process_group=0)
+    if received:  # arrived while the child was being started
+        child.send_signal(received[0])
     try:
         status = child.wait()
     finally:
@@ -106,7 +116,7 @@ def run(args, spec, pts) -> int:
         print(f"[{point.index + 1}/{total}] {point.name}", flush=True)
         for cmd in cmds:
             status = call_forwarding_signals(cmd)
-            if status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1):  # checkpointed: stop, resume on rerun
+            if status in [128 + sig for sig in STOP_SIGNALS]:  # checkpointed: stop, resume on rerun
                 print(f"{point.name} stopped after a checkpoint; rerun the same command to resume")
                 return status
             if status != 0:

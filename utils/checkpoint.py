@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from utils.cli import write_failure
+
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 RUN_STATE = "run_state.pt"
@@ -43,17 +45,26 @@ def save_checkpoint(accelerator, folder: Path, step: int, run_state: dict, keep:
     """Save on every process (Accelerate writes per-process RNG files); rename and prune on the main one."""
     folder = Path(folder)
     final, tmp = folder / f"{PREFIX}{step:09d}", folder / f".tmp-{PREFIX}{step:09d}"
+    try:
+        if accelerator.is_main_process:
+            for stale in folder.glob(f".tmp-{PREFIX}*"):  # left by a crash mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            torch.save(run_state, tmp / RUN_STATE)
+            manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    except Exception as err:  # disk full mid-save: drop the partial copy, keep the older checkpoints, say where
+        failure = write_failure(err, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failure is None:
+            raise
+        raise OSError(failure.errno, f"{failure.strerror} (checkpoint step {step} not saved; the older "
+                                     "checkpoints are kept)", str(folder)) from err
     if accelerator.is_main_process:
-        for stale in folder.glob(f".tmp-{PREFIX}*"):  # left by a crash mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        torch.save(run_state, tmp / RUN_STATE)
-        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step (e.g. signal at an epoch end)
         os.replace(tmp, final)
         for newer in list_checkpoints(folder):  # later steps are stale: the run resumed from before them
@@ -98,10 +109,10 @@ def load_latest_checkpoint(accelerator, folder: Path) -> dict | None:
 
 
 class PreemptionSignal:
-    """Remembers SIGTERM / SIGUSR1 (Slurm's pre-emption and time-limit signals) instead of dying at once,
-    so the training loop can checkpoint at the next step boundary and exit cleanly."""
+    """Remembers SIGTERM / SIGUSR1 (Slurm's pre-emption and time-limit signals) and SIGINT (Ctrl-C) instead of
+    dying at once, so the training loop can checkpoint at the next step boundary and exit cleanly."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self):
         self.received: str | None = None
@@ -119,5 +130,5 @@ class PreemptionSignal:
             signal.signal(sig, handler)
 
     def exit_status(self) -> int:
-        """The shell's status for death by the received signal (143 for SIGTERM, 138 for SIGUSR1)."""
+        """The shell's status for death by the received signal (143 SIGTERM, 138 SIGUSR1, 130 SIGINT)."""
         return 128 + getattr(signal, self.received or "SIGTERM")

@@ -3,20 +3,33 @@ folders checked before any data is decoded, and the one-line error path.
 
 Imports nothing heavy: scripts parse and check their flags with this module before they import torch, so a bad
 flag is reported in well under a second. Exit codes: 2 bad input (one line naming the flag or file, nothing on
-disk changed), 3 a run that failed (diverged), 1 a failed Hub push or an unwritable file.
+disk changed), 3 a run that failed (diverged), 1 a failed Hub push or an unwritable file (disk full, read-only),
+130 Ctrl-C (SIGINT), 143 / 138 SIGTERM / SIGUSR1 (after a checkpoint where the script trains).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 from utils.choices import BUILT_IN, MIN_IMAGE_SIZE
 
-EXIT_USAGE, EXIT_FAILED = 2, 3
+EXIT_USAGE, EXIT_FAILED, EXIT_UNWRITABLE, EXIT_SIGINT = 2, 3, 1, 130
+# The largest seed a flag takes: seeds are combined (seed * 1_000_003 + epoch + a salt) before torch's manual_seed,
+# which takes at most 2**64 - 1, so the bound leaves room for that arithmetic.
+MAX_SEED = 2**32 - 1
+
+
+# The --help epilog of the scripts that train (imp.py, lmc.py).
+TRAINING_EXIT_STATUS = ("Exit status: 0 done (finished parts are skipped on a rerun), 1 the Hub push or a write "
+                        "failed (disk full; finished parts kept), 2 bad input (nothing changed on disk), 3 a run "
+                        "diverged (nothing recorded as finished; its last good checkpoint kept), 130/143/138 stopped "
+                        "by Ctrl-C/SIGTERM/SIGUSR1 after a checkpoint (rerun the same command to resume).")
 
 
 class UsageError(Exception):
@@ -54,8 +67,39 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
 
 
+# ----------------------------------------------------------------------------------- failed writes
+# How a write that ran out of room shows when it does not arrive as an OSError: torch.save's zip writer
+# ("unexpected pos 576 vs 534"), safetensors ("I/O error: No space left on device (os error 28)").
+_WRITE_FAILURE_SIGNS = ("unexpected pos", "No space left", "os error 28", "Disk quota", "file write failed",
+                        "PytorchStreamWriter failed")
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+_output_folder: list[Path] = []  # the folder the running script writes to (set by check_output_dir)
+
+
+def write_failure(err: BaseException, path) -> OSError | None:
+    """The OSError naming `path` that `err`, raised while writing `path`, amounts to; None when `err` is not a
+    failed write (a bug: let it propagate). An OSError that names its own file keeps it."""
+    if isinstance(err, OSError):
+        if err.filename is not None:
+            return err
+        if err.errno not in _WRITE_ERRNOS:
+            return None
+        return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
+    if any(sign in str(err) for sign in _WRITE_FAILURE_SIGNS):
+        return OSError(errno.ENOSPC, f"the write failed, most likely no space left on device ({type(err).__name__}: "
+                                     f"{' '.join(str(err).split())[:120]})", str(path))
+    return None
+
+
+def writing_to(folder) -> None:
+    """Register the folder the script writes its results to: a failed write that names no file is reported as
+    a failure to write there."""
+    _output_folder[:] = [Path(folder)]
+
+
 def main_guard(main):
-    """Run `main`, turning known failures into one line on stderr and an exit status (no traceback)."""
+    """Run `main`, turning known failures into one line on stderr and an exit status (no traceback): bad input
+    (2), a failed run (3), a failed write (1, naming the file or the output folder), Ctrl-C (130)."""
 
     @functools.wraps(main)
     def wrapped(argv=None):
@@ -67,11 +111,24 @@ def main_guard(main):
         except RunFailed as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(EXIT_FAILED) from None
-        except OSError as err:  # a file-system refusal (disk full, permissions): say which file, keep the rest
-            if err.filename is None:
-                raise
-            print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
-            raise SystemExit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C outside a loop that checkpoints on it: what is finished is on disk
+            print("error: interrupted by Ctrl-C (SIGINT); finished results are kept, rerun the same command to "
+                  "continue", file=sys.stderr)
+            raise SystemExit(EXIT_SIGINT) from None
+        except Exception as err:  # a file-system refusal (disk full, read-only, permissions): say where
+            if isinstance(err, OSError) and err.filename is not None:
+                print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+                raise SystemExit(EXIT_UNWRITABLE) from None
+            where = _output_folder[0] if _output_folder else "the output folder"
+            failure = write_failure(err, where)
+            if failure is None:
+                if not isinstance(err, OSError):
+                    raise
+                print(f"error: {err}", file=sys.stderr)  # e.g. a network error: environmental, one line
+                raise SystemExit(EXIT_UNWRITABLE) from None
+            print(f"error: a write in {failure.filename} failed: {failure.strerror}; finished results are kept",
+                  file=sys.stderr)
+            raise SystemExit(EXIT_UNWRITABLE) from None
 
     return wrapped
 
@@ -79,8 +136,9 @@ def main_guard(main):
 # ------------------------------------------------------------------------------------------ flag types
 def _number(kind, low=None, high=None, low_open=False):
     """An argparse `type=` that parses `kind` and checks the range, so a bad value is rejected while parsing."""
-    bounds = " and ".join(filter(None, [low is not None and f"{'>' if low_open else '>='} {low:g}",
-                                        high is not None and f"<= {high:g}"]))
+    shown = (lambda v: f"{v:d}") if kind is int else (lambda v: f"{v:g}")  # seeds' bounds in full
+    bounds = " and ".join(filter(None, [low is not None and f"{'>' if low_open else '>='} {shown(low)}",
+                                        high is not None and f"<= {shown(high)}"]))
 
     def parse(text: str):
         try:
@@ -116,6 +174,30 @@ def non_negative(text: str) -> float:
 def fraction(text: str) -> float:
     """Float flag in [0, 1]."""
     return _number(float, 0.0, 1.0)(text)
+
+
+def open_fraction(text: str) -> float:
+    """Float flag in (0, 1), both ends excluded (e.g. the fraction of weights pruned per round)."""
+    value = _number(float)(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be > 0 and < 1, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A seed: an integer in [0, MAX_SEED]."""
+    return _number(int, 0, MAX_SEED)(text)
+
+
+def between(low: float, high: float, low_open: bool = False):
+    """Float flag in [low, high] (or (low, high] with `low_open`): an upper bound where a larger value only costs
+    memory or overflows."""
+    return _number(float, low, high, low_open)
+
+
+def bounded(limit: float):
+    """Float flag in [-limit, limit] (coordinates: values beyond make norms overflow, not a finer picture)."""
+    return _number(float, -limit, limit)
 
 
 def check_range(flag: str, value, low=None, high=None, integer_min=None):
@@ -192,7 +274,7 @@ def add_probe_args(p: argparse.ArgumentParser, inherited: bool = False, repeated
             kwargs |= {"default": None, "help": f"{text} (default: the run's value, else {shown})"}
         g.add_argument(flag, **({"default": default, "help": text} | kwargs))
 
-    add("--probe-seed", "seed of the linear probe's init and batch order", type=int)
+    add("--probe-seed", "seed of the linear probe's init and batch order", type=seed)
     add("--probe-epochs", "epochs of the linear probe (the paper's: 10)", type=count(1))
     add("--knn-k", "neighbours of the k-NN probe (the paper's: 20)", type=count(1))
     add("--knn-metric", "l2: Euclidean distance, majority vote (the paper's); cosine: DINO-style exp(sim/0.07) "
@@ -280,17 +362,57 @@ def output_problem(path: Path) -> str | None:
     return None
 
 
-def check_report_folder(args, what: str) -> None:
-    """--output-dir of a script with --report-only: required to report on, and able to hold results otherwise."""
+def check_report_folder(args, what: str, made_by: str | None = None) -> None:
+    """--output-dir of a script with --report-only: required to report on, an existing folder holding `made_by`
+    (a file or folder only the script writes, so a report never lands in another script's or a student's
+    folder); able to hold results otherwise."""
     if args.report_only and not args.output_dir:
         raise UsageError("--output-dir", f"name the {what} folder to report on")
+    if args.report_only and made_by:
+        out = Path(args.output_dir)
+        if not out.is_dir():
+            raise UsageError("--output-dir", f"no such folder {str(out)!r} to report on")
+        if not (out / made_by).exists():
+            raise UsageError("--output-dir", f"{out} holds no {what} results (no {made_by}); name the folder the "
+                                             f"{what} run wrote")
+        writing_to(out)
     if args.output_dir and not args.report_only:
         check_output_dir("--output-dir", Path(args.output_dir))
 
 
 def check_output_dir(flag: str, path: Path) -> Path:
-    """Raise a UsageError naming `flag` unless `path` can hold the results; creates nothing."""
+    """Raise a UsageError naming `flag` unless `path` can hold the results; creates nothing. Registers `path`
+    as the folder a failed write is reported against (`writing_to`)."""
     problem = output_problem(path)
     if problem:
         raise UsageError(flag, problem)
+    writing_to(path)
     return Path(path)
+
+
+def student_folders(ref: str) -> list[Path]:
+    """The folders a --student reference occupies on disk: a save_pretrained folder, and the train_distill.py run
+    folder it is the student/ of (or that holds it). Empty for a Hub id."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return []
+    folders = [path.resolve()]
+    if (path / "student").is_dir():
+        folders.append((path / "student").resolve())
+    if path.name == "student" and (path.parent / "config.json").exists():
+        folders.append(path.parent.resolve())
+    return folders
+
+
+def check_outside_students(flag: str, output_dir: str | None, refs, student_flag: str = "--student") -> None:
+    """Refuse an --output-dir that is a student's folder (or its run folder) or inside one: results written
+    there would mix with, or overwrite, the student's own files."""
+    if not output_dir:
+        return
+    out = Path(output_dir).expanduser().resolve()
+    for ref in [refs] if isinstance(refs, str) else (refs or []):
+        for folder in student_folders(ref):
+            if out == folder or folder in out.parents:
+                raise UsageError(flag, f"{output_dir} is {'inside ' if out != folder else ''}the folder of "
+                                       f"{student_flag} {ref}; results would be written among its files: choose "
+                                       "another folder")

@@ -14,23 +14,35 @@ from pathlib import Path
 
 import pandas as pd
 
+from utils.cli import write_failure
+
 SUBJECTS = ("input", "teacher", "student")
 PROBES = ("linear", "knn", "linear_std", "knn_std")
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it into place only if the block succeeds. A write that fails
+    (disk full, read-only) is re-raised as an OSError naming `path`, whatever the writer raised: torch.save's
+    RuntimeError or an OSError without a file name would not say which file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as err:
+        raise write_failure(err, path) or err from None
     try:
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
+    except Exception as err:
+        failure = write_failure(err, path)
+        if failure is None or failure is err:
+            raise
+        raise failure from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

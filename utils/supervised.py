@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from utils.checkpoint import load_latest_checkpoint, save_checkpoint
-from utils.cli import UsageError
+from utils.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from utils.cli import RunFailed, UsageError
 from utils.data import epoch_batches, rank_slice
 from utils.probing import extract_features
 from utils.pruning import apply_masks
@@ -164,7 +164,21 @@ class SupervisedTrainer:
         bar = tqdm(total=(recipe.epochs - start_epoch) * steps_per_epoch, initial=pos["step"], desc=desc,
                    disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
 
+        def stop_if_diverged(finite: bool, what: str, epoch: int) -> None:
+            """A non-finite loss or weight ends the run before anything records it as finished (no final.pt,
+            result.json or rewind point); the checkpoints saved before it are kept."""
+            if finite:
+                return
+            if acc.is_main_process:
+                log.flush()
+            kept = list_checkpoints(folder / "checkpoints")
+            raise RunFailed(f"{desc} diverged: non-finite {what} at epoch {epoch}, step {pos['step']}; nothing in "
+                            f"{folder} was recorded as finished, " + (f"the last good checkpoint {kept[0]} is kept"
+                                                                        if kept else "there was no checkpoint yet")
+                            + " (lower --lr or check --lr-decay / --weight-decay / --momentum)")
+
         def checkpoint(epoch, batch, loss):
+            stop_if_diverged(finite_state(self.raw) and math.isfinite(loss), "weights", epoch)  # never save NaNs
             state = {**pos, "epoch": epoch, "batch": batch, "loss": loss, "rows": log.rows}
             save_checkpoint(acc, folder / "checkpoints", pos["step"], state, self.keep_checkpoints)
 
@@ -192,6 +206,8 @@ class SupervisedTrainer:
                         return None
                 values = {"train/loss": acc.reduce(loss, reduction="sum").item() / sum(map(len, batches)),
                           "lr": recipe.lr_at(epoch)}
+                stop_if_diverged(math.isfinite(values["train/loss"]), "loss", epoch)
+                stop_if_diverged(finite_state(self.raw), "weights", epoch)
                 if epoch % self.eval_every == 0 or epoch == recipe.epochs:
                     accuracy = self.evaluate()
                     values["test/accuracy"] = accuracy
@@ -210,6 +226,12 @@ class SupervisedTrainer:
         return {"best": pos["best"], "final": accuracy, "best_epoch": pos["best_epoch"], "steps": pos["step"]}
 
 
+def finite_state(model: nn.Module) -> bool:
+    """Every parameter and floating buffer (BN statistics) finite; one device sync."""
+    tensors = [t.detach() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def save_state_file(path: Path, state: dict, **extra) -> None:
     with atomic_path(path) as tmp:
         torch.save({**state, **extra}, tmp)
@@ -217,6 +239,37 @@ def save_state_file(path: Path, state: dict, **extra) -> None:
 
 def load_state_file(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_supervised_state(path: Path, flag: str) -> dict:
+    """A supervised state file given by the user ({model, epoch[, optimizer]}, as imp.py's rewind points and
+    final.pt are saved), loaded without running code; anything else is one UsageError naming `flag`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any load failure means: not such a file
+        raise UsageError(flag, f"{path} is not a supervised state file that torch.load reads "
+                               f"({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise UsageError(flag, f"{path} holds no supervised state (no 'model' entry of weights)")
+    if not isinstance(state.get("epoch", 0), int) or state.get("epoch", 0) < 0:
+        raise UsageError(flag, f"{path} holds no valid 'epoch' (got {str(state.get('epoch'))[:40]})")
+    return state
+
+
+def check_state_fits(state: dict, model: nn.Module, path: Path, flag: str) -> None:
+    """`state['model']` has exactly the tensors (names and shapes) of `model`: the same architecture and number
+    of classes. Otherwise one UsageError naming `flag` that says how they differ (not the whole state dict)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing or extra or shapes:
+        detail = "; ".join(filter(None, [
+            missing and f"{len(missing)} tensor(s) missing (e.g. {missing[0]})",
+            extra and f"{len(extra)} unexpected (e.g. {extra[0]})",
+            shapes and f"{len(shapes)} of another shape (e.g. {shapes[0]}: {got[shapes[0]]} vs {want[shapes[0]]})"]))
+        raise UsageError(flag, f"{path} is a network of another architecture or number of classes than the "
+                               f"--student on this dataset: {detail}")
 
 
 def load_student(ref: str, revision: str | None = None):
@@ -283,18 +336,19 @@ def default_folder(kind: str, students) -> Path:
     return Path("runs") / f"{kind}-{students[0].name}-and-{len(students) - 1}-more-{fingerprint.short(combined)}"
 
 
-def setup_run(args, kind: str, defines: dict, outputs: tuple[str, ...]):
+def setup_run(args, kind: str, defines: dict, outputs: tuple[str, ...], check=None):
     """What imp.py and lmc.py both build from their flags: the --students, the run folder (checked against its
     fingerprint before anything else: see utils.fingerprint), the dataset (uint8 tensors on the device) and one
     SupervisedTrainer; then, the run being ready, the folder's old results are discarded if --overwrite replaces
     them and the fingerprints are written (the folder's and each student's subfolder's), with a per-invocation
     config (parallel Slurm jobs share the folder). `defines`: the script's own arguments that change a number;
-    `outputs`: the files the script writes at the top of the folder and in each subfolder.
-    Returns (students, data, trainer, out, run_id)."""
+    `outputs`: the files the script writes at the top of the folder and in each subfolder. `check(students, data,
+    trainer)` runs the script's checks that need the students, the data or the network before anything is
+    deleted or written, so a refused command changes nothing. Returns (students, data, trainer, out, run_id)."""
     from accelerate import Accelerator
 
     from utils import fingerprint
-    from utils.cli import check_output_dir
+    from utils.cli import check_output_dir, writing_to
     from utils.data import Normalizer, load_dataset
     from utils.hub import new_run_id
     from utils.results import environment, write_json
@@ -327,8 +381,14 @@ def setup_run(args, kind: str, defines: dict, outputs: tuple[str, ...]):
     trainer = SupervisedTrainer(accelerator, shape, args.recipe, data, Normalizer(data.mean, data.std,
                                 accelerator.device), args.eval_batch_size, args.eval_every, args.checkpoint_every,
                                 args.keep_checkpoints)
+    if "init" in getattr(args, "starts", ()):
+        for s in students:  # a student without the seeds that rebuild its initialisation: refused now
+            start_encoder(s.net, "init")
+    if check is not None:
+        check(students, data, trainer)
     run_id = new_run_id(out.name)
-    if accelerator.is_main_process:  # ready: only now is anything deleted or written
+    if accelerator.is_main_process:  # ready and checked: only now is anything deleted or written
+        writing_to(out)
         if state == "replace":
             fingerprint.discard(out, owned)
         about = [{"ref": s.ref, "folder": s.folder, "weights_sha256": s.hash, "config": s.net.config()}

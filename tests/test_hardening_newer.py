@@ -294,6 +294,12 @@ def test_lmc_nan_lr_decay_is_never_recorded_as_a_perfect_barrier(place, tiny_dat
         no_finished_results(out)
 
 
+def student_dir(out: Path) -> Path:
+    """The one student's subfolder of an imp.py / lmc.py folder (`<name>-<weights hash>`)."""
+    (sub,) = [p for p in out.iterdir() if p.is_dir() and (p / "fingerprint.json").exists()]
+    return sub
+
+
 def test_a_run_that_diverges_mid_round_keeps_its_last_good_checkpoint_and_resumes(place, tiny_dataset, tmp_path,
                                                                                   capsys, monkeypatch):
     """A NaN weight after step 6 (epoch 2 of 2, after the epoch-1 checkpoint): exit 3, the step-4 checkpoint
@@ -313,7 +319,7 @@ def test_a_run_that_diverges_mid_round_keeps_its_last_good_checkpoint_and_resume
 
     monkeypatch.setattr(SupervisedTrainer, "step", poisoned)
     line = one_error_line(imp_script.main, args, capsys, code=3)
-    folder = out / "seed-0" / "student" / "round-0"
+    folder = student_dir(out) / "seed-0" / "student" / "round-0"
     assert "diverged" in line and "epoch 2" in line and str(folder) in line
     assert [p.name for p in list_checkpoints(folder / "checkpoints")] == ["step-000000004"]
     assert not (folder / "result.json").exists() and not (folder / "final.pt").exists()
@@ -381,7 +387,7 @@ def test_ctrl_c_during_imp_checkpoints_and_resumes_bit_identically(place, tiny_d
     assert imp_script.main(args(tmp_path / "run")) == 130
     assert signal.getsignal(signal.SIGINT) == handler
     assert "SIGINT received" in capsys.readouterr().out
-    assert list_checkpoints(tmp_path / "run" / "seed-0" / "student-l0" / "round-1" / "checkpoints")
+    assert list_checkpoints(student_dir(tmp_path / "run") / "seed-0" / "student-l0" / "round-1" / "checkpoints")
     undo()
     assert imp_script.main(args(tmp_path / "run")) == 0
     got, want = finals(tmp_path / "run"), finals(tmp_path / "reference")
@@ -396,7 +402,7 @@ def test_ctrl_c_during_lmc_checkpoints_and_resumes_to_the_same_table(place, tiny
     assert lmc.main(lmc_args(place / "student", tiny_dataset, tmp_path / "reference")) == 0
     undo = sigint_after(monkeypatch, SupervisedTrainer, "step", 4 + 2)  # copy 2, step 2 of 4
     assert lmc.main(lmc_args(place / "student", tiny_dataset, tmp_path / "run")) == 130
-    assert list_checkpoints(tmp_path / "run" / "student" / "copy-1" / "checkpoints")
+    assert list_checkpoints(student_dir(tmp_path / "run") / "student" / "copy-1" / "checkpoints")
     assert not (tmp_path / "run" / "lmc_table.csv").exists()
     undo()
     assert lmc.main(lmc_args(place / "student", tiny_dataset, tmp_path / "run")) == 0
@@ -601,9 +607,9 @@ def test_imp_on_a_full_disk_is_one_line_naming_the_file_and_keeps_the_finished_r
 
     monkeypatch.setattr(torch, "save", full_for_round_1)
     line = one_error_line(imp_script.main, args, capsys, code=1)
-    assert str(out / "seed-0" / "student-l0" / "round-1") in line and "no space" in line.lower(), line
-    assert (out / "seed-0" / "student" / "round-0" / "result.json").exists()
-    assert not (out / "seed-0" / "student-l0" / "round-1" / "result.json").exists()
+    assert str(student_dir(out) / "seed-0" / "student-l0" / "round-1") in line and "no space" in line.lower(), line
+    assert (student_dir(out) / "seed-0" / "student" / "round-0" / "result.json").exists()
+    assert not (student_dir(out) / "seed-0" / "student-l0" / "round-1" / "result.json").exists()
     monkeypatch.setattr(torch, "save", real)
     assert imp_script.main(args) == 0 and len(pd.read_csv(out / "imp_table.csv")) == 2
 

@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import ArgumentParser, UsageError, check_range, check_report_folder, main_guard
+from utils.cli import ArgumentParser, UsageError, add_report_args, check_range, check_report_folder, main_guard
 from utils.recipe import SCOPES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("imp_table.csv", "imp_summary.csv", "imp.png")
@@ -49,6 +49,7 @@ def parse_args(argv=None):
                    help="no training: rebuild the table and figure from the rounds finished in --output-dir")
     r.add_argument("--push-to-hub", metavar="REPO", help="upload the tables and the figure to imp/<id>/ in REPO")
     r.add_argument("--hub-private", action="store_true")
+    add_report_args(r)
     args = p.parse_args(argv)
     args.recipe = recipe_from_args(args)
     if not 0 < args.prune_fraction < 1:

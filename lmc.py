@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import ArgumentParser, UsageError, check_range, check_report_folder, main_guard
+from utils.cli import ArgumentParser, UsageError, add_report_args, check_range, check_report_folder, main_guard
 from utils.recipe import BN_MODES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("lmc_table.csv", "lmc_curves.csv", "lmc_summary.csv", "lmc.png")
@@ -48,6 +48,7 @@ def parse_args(argv=None):
     r.add_argument("--report-only", action="store_true", help="no training or interpolation: redraw from the tables")
     r.add_argument("--push-to-hub", metavar="REPO", help="upload the tables and the figure to lmc/<id>/ in REPO")
     r.add_argument("--hub-private", action="store_true")
+    add_report_args(r)
     args = p.parse_args(argv)
     args.recipe = recipe_from_args(args)
     if args.copies < 2:

@@ -23,6 +23,7 @@ from utils.probing import extract_features
 from utils.pruning import apply_masks
 from utils.recipe import Recipe
 from utils.results import MetricLog, atomic_path
+from utils.tracking import open_tracker
 
 AUGMENT_SALT = 7_777_777_777  # keeps the augmentation stream apart from epoch_order's generator seeds
 
@@ -100,6 +101,8 @@ class SupervisedTrainer:
         self.raw = accelerator.unwrap_model(self.model)
         self.fresh_optimizer = copy.deepcopy(self.optimizer.state_dict())
         self.masks: dict | None = None
+        # --report-to: (the script's args, its output folder, the invocation's config and run id); set by setup_run
+        self.report: tuple | None = None
 
     # ---- state
     def state(self) -> dict:
@@ -156,12 +159,22 @@ class SupervisedTrainer:
         restored = load_latest_checkpoint(acc, folder / "checkpoints")
         if restored:
             pos, log.rows = {k: restored[k] for k in pos}, restored["rows"]
+        # one tracker run per run folder, named once and kept in its checkpoints so a resumption continues it
+        tracker_run = (restored or {}).get("tracker_run")
+        if self.report is not None:
+            args, root, config, run_id = self.report
+            where = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else folder.name
+            tracker_run = tracker_run or f"{run_id}/{where}"
+            config = config | {"run_folder": where, "data_seed": data_seed, "start_epoch": start_epoch}
+            log.tracker = open_tracker(args, folder, tracker_run, config, acc.is_main_process, group=root.name,
+                                       resume_step=pos["step"] if restored else None)
         steps_per_epoch = len(epoch_batches(n, recipe.batch_size, data_seed, 1, world))
         bar = tqdm(total=(recipe.epochs - start_epoch) * steps_per_epoch, initial=pos["step"], desc=desc,
                    disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
 
         def checkpoint(epoch, batch, loss):
-            state = {**pos, "epoch": epoch, "batch": batch, "loss": loss, "rows": log.rows}
+            state = {**pos, "epoch": epoch, "batch": batch, "loss": loss, "rows": log.rows,
+                     "tracker_run": tracker_run}
             save_checkpoint(acc, folder / "checkpoints", pos["step"], state, self.keep_checkpoints)
 
         accuracy = math.nan
@@ -201,6 +214,8 @@ class SupervisedTrainer:
                     checkpoint(epoch + 1, 0, 0.0)
         finally:
             bar.close()
+            if log.tracker is not None:
+                log.tracker.finish()
         if acc.is_main_process:
             log.flush()
         return {"best": pos["best"], "final": accuracy, "best_epoch": pos["best_epoch"], "steps": pos["step"]}
@@ -249,13 +264,14 @@ def setup_run(args, kind: str):
                             args.revision, args.image_size, args.data_cache)
     out = Path(args.output_dir or f"runs/{kind}-{Path(dataset).name}-{student.arch['model']}")
     run_id = new_run_id(out.name)
+    config = {**{k: v for k, v in vars(args).items() if k != "recipe"}, "dataset": dataset, "run_id": run_id,
+              "student_config": student.config(), "num_classes": data.num_classes,
+              "world_size": accelerator.num_processes, "environment": environment()}
     if accelerator.is_main_process:
-        write_json(out / "configs" / f"{run_id}.json",
-                   {**{k: v for k, v in vars(args).items() if k != "recipe"}, "dataset": dataset, "run_id": run_id,
-                    "student_config": student.config(), "num_classes": data.num_classes,
-                    "world_size": accelerator.num_processes, "environment": environment()})
+        write_json(out / "configs" / f"{run_id}.json", config)
     shape = Classifier(student.encoder, student.embed_dim, data.num_classes, args.head_seed)  # states load into it
     trainer = SupervisedTrainer(accelerator, shape, args.recipe, data, Normalizer(data.mean, data.std,
                                 accelerator.device), args.eval_batch_size, args.eval_every, args.checkpoint_every,
                                 args.keep_checkpoints)
+    trainer.report = (args, out, config, run_id)
     return student, data, trainer, out, run_id

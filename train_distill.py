@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from utils.choices import ENCODERS, LOSSES, NORMS, parse_bottleneck
+from utils.choices import ENCODERS, LOSSES, NORMS, parse_bottleneck, uses_channels_last
 from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, add_report_args, check_image_size,
                        check_output_dir, count, fraction, main_guard, non_negative, positive)
 
@@ -109,7 +109,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.push_only:
         return args
-    args.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and args.model == "resnet18")
+    args.channels_last = uses_channels_last(args.channels_last, args.model)
     if args.width > 16:
         raise UsageError("--width", f"must be in (0, 16], got {args.width:g}")
     try:
@@ -140,7 +140,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from utils.checkpoint import PreemptionSignal, list_checkpoints, load_latest_checkpoint, save_checkpoint
-from utils.cli import RunFailed
+from utils.cli import RunFailed, check_knn_k
 from utils.data import (Normalizer, class_balanced_subset, epoch_batches, load_dataset, noise_inputs, rank_slice,
                         validation_split)
 from utils.distill import DistillStep, TeacherTargets, make_optimizer
@@ -209,6 +209,7 @@ def load_distill_data(args, accelerator) -> SimpleNamespace:
     train_idx, val_idx = validation_split(len(data.train), args.val_size, args.seed) if args.val_size else \
         (torch.arange(len(data.train)), None)
     probe_train = data.train.subset(train_idx).to(device)
+    check_knn_k(args.knn_k, len(probe_train), "--val-size")
     evals = {"test": data.test.to(device)} | ({"val": data.train.subset(val_idx).to(device)} if args.val_size else {})
     distill_idx = class_balanced_subset(probe_train.labels.cpu(), args.train_subset, args.seed) \
         if args.train_subset else None

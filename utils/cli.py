@@ -192,6 +192,13 @@ def add_probe_args(p: argparse.ArgumentParser, inherited: bool = False):
     return g
 
 
+def check_knn_k(k: int, n_train: int, subset_flag: str) -> None:
+    """The k-NN probe votes among its training images: k beyond their number would silently use them all."""
+    if k > n_train:
+        raise UsageError("--knn-k", f"{k} neighbours, but the probes train on {n_train} images (set by the dataset "
+                                    f"and {subset_flag}); use at most {n_train}")
+
+
 def fill_probe_defaults(args, run_config: dict | None) -> list[str]:
     """Fill unset probe flags from the run's config, else PROBE_DEFAULTS; return the `flag=value` taken from
     the run (for a one-line note)."""

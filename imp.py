@@ -18,7 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import ArgumentParser, UsageError, add_report_args, check_range, check_report_folder, main_guard
+from utils.cli import (ArgumentParser, UsageError, add_report_args, check_report_folder, count, fraction,
+                       main_guard)
 from utils.recipe import SCOPES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("imp_table.csv", "imp_summary.csv", "imp.png")
@@ -30,15 +31,16 @@ def parse_args(argv=None):
     i = p.add_argument_group("IMP (SPEC §5)")
     i.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS),
                    help="student: theta_S*, rewound to l = 0; init: theta_S, rewound to each --rewind-epochs")
-    i.add_argument("--rewind-epochs", type=int, nargs="+", default=[0, 1, 2, 5],
+    i.add_argument("--rewind-epochs", type=count(0), nargs="+", default=[0, 1, 2, 5],
                    help="rewind points (epochs of the dense run) of the init start")
-    i.add_argument("--rounds", type=int, default=15, help="pruning rounds after the dense round 0")
-    i.add_argument("--prune-fraction", type=float, default=0.2, help="fraction of the remaining weights per round")
+    i.add_argument("--rounds", type=count(0), default=15, help="pruning rounds after the dense round 0")
+    i.add_argument("--prune-fraction", type=fraction, default=0.2,
+                   help="fraction of the remaining weights pruned per round, in (0, 1)")
     i.add_argument("--prune-scope", choices=SCOPES, default="weights",
                    help="weights: conv and linear weights (default, OpenLTH); all: every parameter (official code)")
     i.add_argument("--no-rewind-optimizer", action="store_true",
                    help="fresh SGD momentum at the rewind point (OpenLTH) instead of the saved one (official code)")
-    i.add_argument("--seeds", type=int, nargs="+", default=[0],
+    i.add_argument("--seeds", type=count(0), nargs="+", default=[0],
                    help="one IMP run per seed: data order and augmentation, and the classifier (--head-seed + seed)")
     i.add_argument("--dense-only", action="store_true",
                    help="only the dense round 0 and its rewind points (e.g. a Slurm job the pruning jobs wait for)")
@@ -54,7 +56,6 @@ def parse_args(argv=None):
     args.recipe = recipe_from_args(args)
     if not 0 < args.prune_fraction < 1:
         raise UsageError("--prune-fraction", f"must be in (0, 1), got {args.prune_fraction}")
-    check_range("--rounds", args.rounds, integer_min=0)
     for epoch in args.rewind_epochs:
         if not 0 <= epoch < args.epochs:
             raise UsageError("--rewind-epochs", f"rewind epoch {epoch} is beyond the run: must be in "

@@ -19,7 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import ArgumentParser, UsageError, add_report_args, check_range, check_report_folder, main_guard
+from utils.cli import (ArgumentParser, UsageError, add_report_args, check_range, check_report_folder, count,
+                       main_guard)
 from utils.recipe import BN_MODES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("lmc_table.csv", "lmc_curves.csv", "lmc_summary.csv", "lmc.png")
@@ -34,14 +35,15 @@ def parse_args(argv=None):
                    help="the starts to compare, side by side in the figure")
     m.add_argument("--checkpoint", help="start `checkpoint`: a supervised state file (an imp.py rewind point "
                                         "seed-*/init/round-0/rewind/epoch-L.pt); copies continue from epoch L")
-    m.add_argument("--copies", type=int, default=5, help="copies per start (K >= 2), data seeds S .. S+K-1")
-    m.add_argument("--data-seed", type=int, default=0, help="data seed S of the first copy")
-    m.add_argument("--gammas", type=int, default=50, help="evenly spaced points on each segment, ends included")
+    m.add_argument("--copies", type=count(2), default=5, help="copies per start (K >= 2), data seeds S .. S+K-1")
+    m.add_argument("--data-seed", type=count(0), default=0, help="data seed S of the first copy")
+    m.add_argument("--gammas", type=count(2), default=50, help="evenly spaced points on each segment, ends included")
     m.add_argument("--bn", choices=BN_MODES, default="recompute",
                    help="BatchNorm statistics at each point: recomputed on a fixed training subset, or interpolated")
-    m.add_argument("--bn-subset", type=int, default=2000, help="training images (un-augmented) for recomputation")
-    m.add_argument("--bn-batch-size", type=int, default=500)
-    m.add_argument("--bn-seed", type=int, default=0, help="which training images form the BN subset")
+    m.add_argument("--bn-subset", type=count(1), default=2000,
+                   help="training images (un-augmented) for recomputation")
+    m.add_argument("--bn-batch-size", type=count(2), default=500, help="images per pass when recomputing BN")
+    m.add_argument("--bn-seed", type=count(0), default=0, help="which training images form the BN subset")
     add_recipe_args(p)
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", help="default: runs/lmc-<dataset>-<model>")
@@ -51,11 +53,6 @@ def parse_args(argv=None):
     add_report_args(r)
     args = p.parse_args(argv)
     args.recipe = recipe_from_args(args)
-    if args.copies < 2:
-        raise UsageError("--copies", f"LMC needs at least 2 copies to pair, got {args.copies}")
-    check_range("--gammas", args.gammas, integer_min=2)
-    check_range("--bn-subset", args.bn_subset, integer_min=1)
-    check_range("--bn-batch-size", args.bn_batch_size, integer_min=2)
     if ("checkpoint" in args.starts) != bool(args.checkpoint):
         raise UsageError("--checkpoint", "give --checkpoint FILE exactly when --starts includes checkpoint")
     if args.checkpoint and not Path(args.checkpoint).is_file():

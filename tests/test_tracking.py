@@ -144,8 +144,9 @@ def test_lmc_reports_each_copy_as_its_own_run(tiny_dataset, tmp_path):
     student = save_tiny_student(tmp_path / "student")
     out = tmp_path / "lmc"
     assert lmc.main(["--student", str(student), "--dataset", str(tiny_dataset), "--output-dir", str(out),
-                     *TINY_RECIPE, "--epochs", "1", "--copies", "2", "--gammas", "3", "--bn", "interpolate",
-                     "--bn-subset", "128", "--starts", "student", "--report-to", "tensorboard"]) == 0
+                     *TINY_RECIPE, "--epochs", "1", "--lr-milestones", "--copies", "2", "--gammas", "3",
+                     "--bn", "interpolate", "--bn-subset", "128", "--starts", "student",
+                     "--report-to", "tensorboard"]) == 0
     copies = sorted(p.parent for p in out.rglob("metrics.csv"))
     assert [p.relative_to(out).as_posix() for p in copies] == ["student/copy-0", "student/copy-1"]
     for copy in copies:

@@ -2,10 +2,12 @@
 values, one point per step) also across a SIGTERM and a resume; the tracker names are Accelerate's; a bad or
 uninstalled tracker is one line before torch is imported. Offline, with TensorBoard's own event reader."""
 import importlib.util
+import json
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
 import train_distill
+import utils.tracking
 from supervised_helpers import TINY_RECIPE, NoSignal, save_tiny_student, tiny_trainer
 from test_resume import FLAT, Steps, argv, interrupt
 from utils.tracking import TRACKERS, RunTracker, flat_config
@@ -92,6 +95,48 @@ def test_a_resume_discards_what_was_logged_after_its_checkpoint(tmp_path):
         resumed.log({"x": 10.0 * step}, step)
     resumed.finish()
     assert shown_scalars(tmp_path / "tensorboard") == [("x", s, float(s if s <= 3 else 10 * s)) for s in range(1, 8)]
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the wandb package: records every init, config update, log and finish."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.logged, self.configs, self.finished = [], [], [], 0
+        self.config = types.SimpleNamespace(update=lambda values, **kw: self.configs.append(values))
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        fake = self
+
+        class Run:
+            def log(self, values, step=None):
+                fake.logged += [(k, step, v) for k, v in values.items()]
+
+            def finish(self):
+                fake.finished += 1
+
+        return Run()
+
+
+def test_wandb_run_id_is_stable_across_a_resume_and_new_after_starting_over(tiny_dataset, tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(utils.tracking, "installed", lambda module: True)
+    out = tmp_path / "run"
+    args = argv(FLAT, tiny_dataset, out, "--report-to", "wandb", "--tracker-project", "rt-tests")
+    interrupt(args, 6)
+    with Steps():
+        assert train_distill.main(args) == 0
+    run_id = json.loads((out / "config.json").read_text())["run_id"]
+    assert [(i["project"], i["name"], i["resume"]) for i in fake.inits] == [("rt-tests", run_id, "allow")] * 2
+    assert fake.inits[0]["id"] == fake.inits[1]["id"] and fake.finished == 2
+    assert all(c["run_id"] == run_id and c["alpha"] == 0.5 for c in fake.configs)
+    assert sorted((k, s, v) for k, s, v in fake.logged) == sorted(
+        (m, int(s), float(v)) for m, s, v in pd.read_csv(out / "metrics.csv")[["metric", "step", "value"]].values)
+    with Steps():  # started over: another run, so another tracker run
+        assert train_distill.main(args + ["--overwrite", "--epochs", "1"]) == 0
+    assert fake.inits[2]["id"] != fake.inits[0]["id"]
 
 
 def test_config_becomes_flat_hyperparameters():

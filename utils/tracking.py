@@ -29,6 +29,11 @@ TENSORBOARD_DIR = "tensorboard"  # inside the run folder: `tensorboard --logdir 
 DVCLIVE_DIR = "dvclive"
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (found without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
 def tracker_name(text: str) -> str:
     """argparse type of --report-to: a tracker Accelerate supports and that is installed, or `none`."""
     import argparse
@@ -38,7 +43,7 @@ def tracker_name(text: str) -> str:
     if text not in TRACKERS:
         raise argparse.ArgumentTypeError(f"unknown tracker {text!r}; choose none or {', '.join(TRACKERS)}")
     module, package = TRACKERS[text]
-    if importlib.util.find_spec(module) is None:
+    if not installed(module):
         raise argparse.ArgumentTypeError(f"{text} is not installed; pip install {package}")
     return text
 

@@ -13,6 +13,7 @@ installed, and a tracker's package is imported when its run starts (main process
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -36,8 +37,6 @@ def installed(module: str) -> bool:
 
 def tracker_name(text: str) -> str:
     """argparse type of --report-to: a tracker Accelerate supports and that is installed, or `none`."""
-    import argparse
-
     if text == "none":
         return text
     if text not in TRACKERS:

@@ -24,7 +24,8 @@ def test_bar_shows_the_kl_and_each_probe_is_one_line_in_percent(tiny_dataset, tm
 
     lines = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
     probed = df[df.metric == "student/linear/test"]
-    assert [line.split(" |")[0] for line in lines] == [f"epoch {e}, step {s}" for e, s in zip(probed.epoch, probed.step)]
+    assert [line.split(" |")[0] for line in lines] == [f"epoch {e}, step {s}"
+                                                       for e, s in zip(probed.epoch, probed.step)]
     for line, (epoch, step) in zip(lines, zip(probed.epoch, probed.step)):
         rows = df[(df.epoch == epoch) & (df.step == step) & df.metric.str.endswith("/test")]
         parts = dict(part.split(" ", 1) for part in line.split(" | ")[1:])

@@ -3,7 +3,6 @@ values, one point per step) also across a SIGTERM and a resume; the tracker name
 uninstalled tracker is one line before torch is imported. Offline, with TensorBoard's own event reader."""
 import importlib.util
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -31,10 +30,10 @@ _spec.loader.exec_module(lmc)
 
 def raw_scalars(logdir: Path) -> list[tuple[str, int, float]]:
     """Every scalar event of the run's event files (not the hparams sub-folders), in the order written."""
-    out = []
     def written(path):  # events.out.tfevents.<time>.<host>.<pid>.<writer number>
         return int(path.name.split(".")[3]), int(path.name.split(".")[-1])
 
+    out = []
     for path in sorted(logdir.glob("events.out.tfevents.*"), key=written):
         for event in LegacyEventFileLoader(str(path)).Load():
             out += [(v.tag, event.step, v.simple_value) for v in event.summary.value if v.HasField("simple_value")]

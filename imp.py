@@ -23,8 +23,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import (TRAINING_EXIT_STATUS, ArgumentParser, UsageError, check_outside_students, check_report_folder,
-                       count, main_guard, open_fraction, seed)
+from utils.cli import (TRAINING_EXIT_STATUS, ArgumentParser, UsageError, add_report_args, check_outside_students,
+                       check_report_folder, count, main_guard, open_fraction, seed)
 from utils.recipe import SCOPES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("imp_table.csv", "imp_summary.csv", "imp.png")
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     i.add_argument("--rounds", type=count(1, 100), default=15,
                    help="pruning rounds after the dense round 0 (only the dense round: --dense-only)")
     i.add_argument("--prune-fraction", type=open_fraction, default=0.2,
-                   help="fraction of the remaining weights per round")
+                   help="fraction of the remaining weights pruned per round, in (0, 1)")
     i.add_argument("--prune-scope", choices=SCOPES, default="weights",
                    help="weights: conv and linear weights (default, OpenLTH); all: every parameter (official code)")
     i.add_argument("--no-rewind-optimizer", action="store_true",
@@ -61,6 +61,7 @@ def parse_args(argv=None):
                    help="no training: rebuild the table and figure from the rounds finished in --output-dir")
     r.add_argument("--push-to-hub", metavar="REPO", help="upload the tables and the figure to imp/<id>/ in REPO")
     r.add_argument("--hub-private", action="store_true")
+    add_report_args(r)
     args = p.parse_args(argv)
     args.recipe = recipe_from_args(args)
     for epoch in args.rewind_epochs if "init" in args.starts else []:  # only the init start rewinds to them

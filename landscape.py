@@ -135,7 +135,7 @@ from tqdm.auto import tqdm
 
 from utils import fingerprint
 from utils.checkpoint import PreemptionSignal
-from utils.cli import reuse_run_settings
+from utils.cli import check_knn_k, reuse_run_settings
 from utils.data import Normalizer, load_dataset
 from utils.hub import new_run_id, push_tables, resolve_student
 from utils.landscape import (CollinearPoints, Plane, PointEvaluator, flat_parameters, grid_axes, pending_chunks,
@@ -224,7 +224,19 @@ def report(out: Path, table: pd.DataFrame, meta: dict) -> None:
     shown = [c for c in ("train/kl", "test/kl", "linear/test", "knn/test", "linear_std/test", "knn_std/test", "norm")
              if c in points.columns]
     print(f"\nAt the three points ({s['coords']} coordinates {meta['geometry']['points']}) -> {out}")
-    print(markdown_table(points[shown], digits=4))
+    print(markdown_table(console_table(points[shown])))
+
+
+def console_table(points: pd.DataFrame) -> pd.DataFrame:
+    """Probe accuracies in % (as every other table), KL in scientific notation (near the teacher it is ~1e-9)."""
+    def column(metric: str) -> tuple[str, list[str]]:
+        if metric.endswith("/kl"):
+            return metric, [f"{v:.3e}" for v in points[metric]]
+        if metric == "norm":
+            return metric, [f"{v:.6g}" for v in points[metric]]
+        return f"{metric} (%)", [f"{100 * v:.2f}" for v in points[metric]]  # a probe's accuracy
+
+    return pd.DataFrame(dict(map(column, points.columns)), index=points.index)
 
 
 @main_guard
@@ -261,6 +273,7 @@ def main(argv=None):
     device = accelerator.device
     splits = {"train": subset(data.train, args.train_images, args.subset_seed, "--train-images", device),
               "test": subset(data.test, args.test_images, args.subset_seed, "--test-images", device)}
+    check_knn_k(args.knn_k, len(splits["train"][1]), "--train-images")
 
     # ---- the plane, the grid and its chunks (they do not depend on the number of processes)
     vectors = [flat_parameters(net, args.scope).to(device) for net in networks]

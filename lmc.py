@@ -24,8 +24,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import (MAX_SEED, TRAINING_EXIT_STATUS, ArgumentParser, UsageError, check_outside_students,
-                       check_range, check_report_folder, count, main_guard, seed)
+from utils.cli import (MAX_SEED, TRAINING_EXIT_STATUS, ArgumentParser, UsageError, add_report_args,
+                       check_outside_students, check_range, check_report_folder, count, main_guard, seed)
 from utils.recipe import BN_MODES, STARTS, add_recipe_args, add_student_args, recipe_from_args
 
 OUTPUTS = ("lmc_table.csv", "lmc_curves.csv", "lmc_summary.csv", "lmc.png")
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     m.add_argument("--bn", choices=BN_MODES, default="recompute",
                    help="BatchNorm statistics at each point: recomputed on a fixed training subset, or interpolated")
     m.add_argument("--bn-subset", type=count(1), default=2000, help="training images (un-augmented) for recomputation")
-    m.add_argument("--bn-batch-size", type=count(2), default=500)
+    m.add_argument("--bn-batch-size", type=count(2), default=500, help="images per pass when recomputing BN")
     m.add_argument("--bn-seed", type=seed, default=0, help="which training images form the BN subset")
     add_recipe_args(p)
     r = p.add_argument_group("run")
@@ -60,6 +60,7 @@ def parse_args(argv=None):
     r.add_argument("--report-only", action="store_true", help="no training or interpolation: redraw from the tables")
     r.add_argument("--push-to-hub", metavar="REPO", help="upload the tables and the figure to lmc/<id>/ in REPO")
     r.add_argument("--hub-private", action="store_true")
+    add_report_args(r)
     args = p.parse_args(argv)
     args.recipe = recipe_from_args(args)
     if args.data_seed + args.copies - 1 > MAX_SEED:

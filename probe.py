@@ -13,8 +13,8 @@ import hashlib
 import sys
 from pathlib import Path
 
-from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, check_image_size, check_output_dir,
-                       count, main_guard, output_problem, reuse_run_settings)
+from utils.cli import (ArgumentParser, UsageError, add_data_args, add_probe_args, check_image_size, check_knn_k,
+                       check_output_dir, count, main_guard, output_problem, reuse_run_settings)
 
 def parse_args(argv=None):
     """Parse and check every flag (torch-free, so a bad flag is reported before torch is imported)."""
@@ -58,6 +58,7 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 
+from utils.choices import uses_channels_last
 from utils.data import Normalizer, load_dataset, validation_split
 from utils.hub import new_run_id, push_or_explain, resolve_student
 from utils.probing import extract_features, probe_features
@@ -126,8 +127,13 @@ def main(argv=None):
     train_idx, val_idx = validation_split(len(data.train), args.val_size, args.seed) if args.val_size else \
         (torch.arange(len(data.train)), None)
     train = data.train.subset(train_idx).to(device)
+    check_knn_k(args.knn_k, len(train), "--val-size")
     evals = {"test": data.test.to(device)} | ({"val": data.train.subset(val_idx).to(device)} if args.val_size else {})
-    normalize = Normalizer(data.mean, data.std, device)
+    # the run's memory layout (else train_distill.py's default for the model): conv round-off then matches the
+    # run's bit for bit, and so do its probes (a 1e-7 feature difference can flip a k-NN vote)
+    channels_last = uses_channels_last((run_config or {}).get("channels_last"), student.arch["model"])
+    normalize = Normalizer(data.mean, data.std, device, channels_last)
+    layout = torch.channels_last if channels_last else torch.preserve_format
 
     def probe(subject, encoder):
         def feats(images):
@@ -142,7 +148,7 @@ def main(argv=None):
         subjects.append(("teacher", student.build_teacher()))
     results = {}
     for subject, net in subjects:
-        results |= probe(subject, net.to(device).eval().encoder)
+        results |= probe(subject, net.to(device, memory_format=layout).eval().encoder)
     if args.input:
         results |= probe("input", torch.nn.Flatten())
 

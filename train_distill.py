@@ -14,9 +14,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from utils.choices import ENCODERS, LOSSES, NORMS, parse_bottleneck
-from utils.cli import (REPETITION_RULE, ArgumentParser, UsageError, add_data_args, add_probe_args, apply_repetition,
-                       check_image_size, check_output_dir, count, fraction, main_guard, non_negative, positive)
+from utils.choices import ENCODERS, LOSSES, NORMS, parse_bottleneck, uses_channels_last
+from utils.cli import (REPETITION_RULE, ArgumentParser, UsageError, add_data_args, add_probe_args, add_report_args,
+                       apply_repetition, check_image_size, check_output_dir, count, fraction, main_guard, non_negative,
+                       positive)
 
 
 def parse_args(argv=None):
@@ -93,6 +94,7 @@ def parse_args(argv=None):
     r.add_argument("--keep-checkpoints", type=count(1), default=2, help="how many of the newest checkpoints to keep")
     r.add_argument("--resume", action="store_true",
                    help="fail unless the run resumes from a checkpoint (by default a run resumes when it finds one)")
+    add_report_args(r)
     h = p.add_argument_group("Hugging Face Hub")
     h.add_argument("--push-to-hub", metavar="REPO", help="upload the student and the metric tables to this repo")
     h.add_argument("--hub-private", action="store_true", help="create the repo as private")
@@ -113,7 +115,7 @@ def parse_args(argv=None):
     if args.push_only:
         return args
     apply_repetition(args)  # from here on args holds the effective seeds, however they were derived
-    args.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and args.model == "resnet18")
+    args.channels_last = uses_channels_last(args.channels_last, args.model)
     if args.width > 16:
         raise UsageError("--width", f"must be in (0, 16], got {args.width:g}")
     try:
@@ -144,7 +146,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from utils.checkpoint import PreemptionSignal, list_checkpoints, load_latest_checkpoint, save_checkpoint
-from utils.cli import RunFailed
+from utils.cli import RunFailed, check_knn_k
 from utils.data import (Normalizer, class_balanced_subset, epoch_batches, load_dataset, noise_inputs, rank_slice,
                         validation_split)
 from utils.distill import DistillStep, TeacherTargets, make_optimizer
@@ -153,8 +155,9 @@ from utils.hub import new_run_id, push_or_explain, write_model_card
 from utils.losses import loss_diagnostics
 from utils.models import make_teacher_student
 from utils.probing import extract_features, probe_features
-from utils.results import (MetricLog, discard_run, environment, format_table, plot_probes, probe_table, read_config,
-                           summarize, write_json, write_table)
+from utils.results import (MetricLog, discard_run, environment, format_table, plot_probes, probe_line, probe_table,
+                           read_config, summarize, write_json, write_table)
+from utils.tracking import open_tracker
 
 
 # Arguments that may differ between an interrupted run and its resumption; every other one must match. `repeat`
@@ -162,7 +165,7 @@ from utils.results import (MetricLog, discard_run, environment, format_table, pl
 # --teacher-seed 2` are one run, and folders made before --repeat existed (no `repeat` key) still match.
 RESUMABLE_CHANGES = {"epochs", "output_dir", "overwrite", "resume", "push_to_hub", "hub_private", "push_only",
                      "checkpoint_every", "keep_checkpoints", "log_every", "log_dynamics", "probe_batch_size",
-                     "data_cache", "repeat"}
+                     "data_cache", "repeat", "report_to", "tracker_project"}
 
 
 def push_only(args) -> int:
@@ -214,6 +217,7 @@ def load_distill_data(args, accelerator) -> SimpleNamespace:
     train_idx, val_idx = validation_split(len(data.train), args.val_size, args.seed) if args.val_size else \
         (torch.arange(len(data.train)), None)
     probe_train = data.train.subset(train_idx).to(device)
+    check_knn_k(args.knn_k, len(probe_train), "--val-size")
     evals = {"test": data.test.to(device)} | ({"val": data.train.subset(val_idx).to(device)} if args.val_size else {})
     distill_idx = class_balanced_subset(probe_train.labels.cpu(), args.train_subset, args.seed) \
         if args.train_subset else None
@@ -314,6 +318,7 @@ def main(argv=None):
               "environment": environment()}
     if is_main:
         write_json(out / "config.json", config)
+    log.tracker = open_tracker(args, out, run_id, config, is_main, resume_step=position["step"] if restored else None)
 
     def feats(fn, images):
         return extract_features(fn, len(images), lambda i: normalize(images[i]), args.probe_batch_size,
@@ -325,12 +330,14 @@ def main(argv=None):
         sets = {k: (feats(encoder_fn, s.images), s.labels) for k, s in evals.items()}
         return probe_features(train, sets, data.num_classes, args, subject)
 
-    def probe_student(epoch: int, step: int) -> None:
+    def probe_student(epoch: int, step: int, results: dict | None = None) -> None:
         raw_student.eval()
-        log.log(epoch, step, probe("student", raw_student.encoder))
+        results = (results or {}) | probe("student", raw_student.encoder)
+        log.log(epoch, step, results)
         raw_student.train()
         if is_main:
             log.flush()
+            tqdm.write(probe_line(epoch, step, results))
 
     # ---- the teacher's bottleneck input is cached (exact here: no augmentation, an eval-mode teacher that
     # never changes), so each step runs only its last layer. The teacher and the pixels are probed once.
@@ -348,8 +355,7 @@ def main(argv=None):
     if not restored:
         results = probe("teacher", teacher.encoder, teacher_train[:, :emb_dim] if shared_pass else None)
         results |= probe("input", torch.nn.Flatten())
-        log.log(0, 0, results)
-        probe_student(0, 0)
+        probe_student(0, 0, results)
     del teacher_train
 
     distill_step = DistillStep(student, optimizer, accelerator, inputs, TeacherTargets(teacher, inputs, teacher_cache),
@@ -417,7 +423,8 @@ def main(argv=None):
                     values |= bn_stats.read() if bn_stats else {}
                     log.log(epoch, step, values)
                     stop_if_diverged(bool(sums.isfinite().all()), "loss", epoch, step)
-                    bar.set_postfix(ce=f"{values['train/ce']:.6g}", dist=f"{values['train/param_distance']:.3g}")
+                    # the CE is the teacher's entropy (up to log out-dim) plus the KL: the KL is what moves
+                    bar.set_postfix(kl=f"{values['train/kl']:.3e}", dist=f"{values['train/param_distance']:.3g}")
                 stop = preempt.received is not None
                 if world > 1:  # every process must agree; a tiny all-reduce every 10 steps
                     stop = step % 10 == 0 and bool(accelerator.reduce(torch.tensor(float(stop), device=device)) > 0)
@@ -438,6 +445,8 @@ def main(argv=None):
     finally:  # also on errors: an in-process caller gets its signal handlers back
         bar.close()
         preempt.restore()
+        if log.tracker is not None:
+            log.tracker.finish()
     pushed = write_results(args, out, config, log, raw_student, step, started, is_main, run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -96,6 +96,8 @@ DISTILL_CASES = {  # flag-level: rejected while parsing, before torch work
     "truncated-png": (["--dataset", "{pngs}"], "--dataset"),
     "train-subset-too-big": (["--train-subset", "100000"], "--train-subset"),
     "val-size-too-big": (["--val-size", "100000"], "--val-size"),
+    "knn-k-above-train-set": (["--knn-k", "257"], "--knn-k"),  # 256 probe-train images
+    "knn-k-above-train-set-after-val": (["--val-size", "64", "--knn-k", "193"], "--knn-k"),
 }
 
 
@@ -111,6 +113,8 @@ def test_train_distill_bad_input(case, tiny_dataset, bad_data, tmp_path, capsys)
     assert snapshot(out) | {"file": (tmp_path / "file").read_text()} == before  # --overwrite discarded nothing
     if case == "truncated-png":
         assert str(bad_data["broken"]) in line  # names the file
+    if case.startswith("knn-k-above"):  # names the size the k-NN probe votes among
+        assert ("on 192 images" if "val" in case else "on 256 images") in line
 
 
 def test_bad_flags_are_reported_before_torch_is_imported(tmp_path):
@@ -168,6 +172,8 @@ PROBE_CASES = {
     "truncated-weights": (["--student", "{truncated}"], "--student"),
     "unfinished-run": (["--student", "{unfinished}"], "--student"),
     "knn-k": (["--student", "{run}", "--knn-k", "0"], "--knn-k"),
+    "knn-k-above-train-set": (["--student", "{run}", "--knn-k", "1000"], "--knn-k"),
+    "knn-k-above-train-set-after-val": (["--student", "{run}", "--val-size", "200", "--knn-k", "57"], "--knn-k"),
     "probe-epochs": (["--student", "{run}", "--probe-epochs", "0"], "--probe-epochs"),
     "val-size": (["--student", "{run}", "--val-size", "-1"], "--val-size"),
     "image-size-vgg": (["--student", "{run}", "--image-size", "8"], "--image-size"),
@@ -190,6 +196,7 @@ def test_probe_bad_input(case, finished_run, bad_data, tmp_path, capsys, monkeyp
     shutil.copy(finished_run / "config.json", unfinished)
     (tmp_path / "file").write_text("not a folder\n")
     monkeypatch.chdir(tmp_path)  # the default output folder runs/ would land here
+    monkeypatch.setenv("RANDOM_TEACHERS_CACHE", str(tmp_path.parent / f"{tmp_path.name}-cache"))  # decoded data
     args, flag = PROBE_CASES[case]
     args = [a.format(tmp=tmp_path, run=finished_run, truncated=truncated, unfinished=unfinished, **bad_data)
             for a in args]

@@ -383,6 +383,37 @@ def test_overwrite_deletes_nothing_before_the_new_run_is_ready_and_then_replaces
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["configs", sub.name]
     assert pd.read_csv(out / "imp_table.csv")["round"].tolist() == [0, 1]  # the one student's, made anew
     assert json.loads((out / "fingerprint.json").read_text())["defines"]["--epochs"] == 1
+# ------------------------------------------------------------------------------------ the lr schedule's flags
+@pytest.mark.parametrize("epochs,milestones", [(160, (80, 120)), (2, (1,)), (4, (2, 3)), (10, (5, 7)), (1, ())])
+def test_lr_milestones_default_to_the_papers_fractions_of_the_epochs(epochs, milestones):
+    args = imp_script.parse_args(["--student", "S", "--epochs", str(epochs), "--rewind-epochs", "0"])
+    assert args.recipe.lr_milestones == milestones
+    lrs = [args.recipe.lr_at(e) for e in range(1, epochs + 1)]
+    assert lrs[0] == 0.1 and sorted(set(lrs), reverse=True) == pytest.approx([0.1 * 0.1 ** k
+                                                                               for k in range(len(milestones) + 1)])
+
+
+@pytest.mark.parametrize("extra,flag,words", [
+    (["--epochs", "2", "--lr-milestones", "80", "120"], "--lr-milestones", "milestone 80 is not before --epochs 2"),
+    (["--epochs", "0"], "--epochs", ">= 1"), (["--lr", "0"], "--lr", "> 0"),
+    (["--momentum", "1.5"], "--momentum", "<= 1"),
+    (["--rounds", "-1"], "--rounds", ">= 0"), (["--seeds", "x"], "--seeds", "integer"),
+])
+def test_recipe_flags_are_checked_while_parsing(extra, flag, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        imp_script.main(["--student", "S", "--rewind-epochs", "0", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and flag in err[0] and words in err[0], err
+
+
+def test_recipe_flags_show_help_and_defaults():
+    text = subprocess.run([sys.executable, "imp.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60).stdout
+    flat = " ".join(text.split("supervised SGD recipe", 1)[1].split())
+    for flag, default in (("--epochs EPOCHS", "160"), ("--lr LR", "0.1"), ("--momentum MOMENTUM", "0.9")):
+        help_text = flat.split(flag, 1)[1].split(" --", 1)[0]
+        assert len(help_text) > 20 and f"(default: {default})" in help_text, (flag, help_text)
+    assert "50 % and 75 % of --epochs" in flat
 
 
 # --------------------------------------------------------------------------------------------- bad input

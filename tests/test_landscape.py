@@ -33,7 +33,7 @@ def students(tmp_path_factory) -> dict:
     """save_pretrained students of one teacher (seed 0): alpha 0.5 and alpha 1 (another student seed)."""
     tmp = tmp_path_factory.mktemp("students")
     folders = {}
-    for name, seed, alpha in (("a05", 1, 0.5), ("a1", 2, 1.0)):
+    for name, seed, alpha in (("a05", 1, 0.5), ("a1", 2, 1.0), ("a0", 1, 1e-10)):
         _, student = make_teacher_student(TINY_ARCH, teacher_seed=0, student_seed=seed, alpha=alpha)
         student.save_pretrained(tmp / name)
         folders[name] = tmp / name
@@ -104,6 +104,17 @@ def test_collinear_or_coinciding_points_span_no_plane():
         for coords in ("affine", "ortho"):
             with pytest.raises(CollinearPoints):
                 Plane([v0, v1, third], coords)
+
+
+def test_near_coinciding_points_span_no_plane_but_close_distinct_ones_do():
+    v0, v1, v2 = three_vectors()
+    step = torch.randn(len(v0), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    near = v0 + 1e-10 * v0.norm() * step / step.norm()  # an alpha = 1e-10 init next to its teacher
+    for coords in ("affine", "ortho"):
+        for vectors, pair in (([v0, near, v2], "1 and 2"), ([v2, v0, near], "2 and 3")):
+            with pytest.raises(CollinearPoints, match=f"points {pair} are {1e-10 * v0.norm().item():.2g} apart"):
+                Plane(vectors, coords)
+        Plane([v0, v0 + 1e-4 * v0.norm() * step / step.norm(), v2], coords)  # alpha = 1e-4: a real plane
 
 
 def test_fitted_affine_axes_hold_the_points_as_nodes_and_zoom_centres_on_a_point():
@@ -265,6 +276,9 @@ def test_an_interrupted_grid_resumes_without_recomputing_finished_chunks(grid, s
 BAD = {
     "different-architectures": (("a05:teacher", "a05:student", "vgg"), [], "--points", "different architectures"),
     "collinear": (("a05:teacher", "a05:teacher", "a1:student"), [], "--points", "collinear"),
+    "near-coinciding": (("a0:teacher", "a0:init", "a1:student"), [], "--points", "points 1 and 2 are"),
+    "knn-k-above-train-images": (("a05:teacher", "a05:student", "a1:student"), ["--knn-k", "65"], "--knn-k",
+                                 "on 64 images"),
     "zero-resolution": (("a05:teacher", "a05:student", "a1:student"), ["--resolution", "0"], "--resolution", ">= 2"),
     "unknown-selector": (("a05:teachr", "a05:student", "a1:student"), [], "--points", "unknown selector"),
     "range": (("a05:teacher", "a05:student", "a1:student"), ["--x-range", "1", "0"], "--x-range", "below"),
@@ -332,6 +346,20 @@ def test_the_same_command_twice_evaluates_nothing(grid, students, tiny_dataset, 
     run(students, tiny_dataset, out, *GRID)
     assert snapshot(out / "chunks") == chunks
     pd.testing.assert_frame_equal(pd.read_csv(out / "landscape.csv"), table)
+
+
+def test_console_table_prints_probes_in_percent_and_kl_in_scientific_notation(grid, capsys):
+    table, out = grid
+    assert landscape.main(["--report-only", "--output-dir", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert "knn/test (%)" in header and "linear/test (%)" in header and "train/kl" in header
+    points = table[table.kind == "point"]
+    for line in lines[2:]:
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        own = points[points.label == cells[header[0]]].set_index("metric").value
+        assert cells["knn/test (%)"] == f"{100 * own['knn/test']:.2f}"
+        assert cells["train/kl"] == f"{own['train/kl']:.3e}" and "e" in cells["test/kl"]
 
 
 def test_report_only_redraws_and_pushes_table_settings_and_figure_through_the_single_seam(grid, fake_hub):

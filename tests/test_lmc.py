@@ -120,7 +120,8 @@ def test_lmc_end_to_end_writes_tables_and_figure(tiny_dataset, tmp_path, capsys)
     student = save_tiny_student(tmp_path / "student")
     out = tmp_path / "lmc"
     args = ["--student", str(student), "--dataset", str(tiny_dataset), "--output-dir", str(out), *TINY_RECIPE,
-            "--epochs", "1", "--copies", "2", "--gammas", "5", "--bn", "interpolate", "--bn-subset", "128"]
+            "--epochs", "1", "--lr-milestones", "--copies", "2", "--gammas", "5", "--bn", "interpolate",
+            "--bn-subset", "128"]
     assert lmc.main(args) == 0
     table, curves = pd.read_csv(out / "lmc_table.csv"), pd.read_csv(out / "lmc_curves.csv")
     assert table.start.tolist() == ["student", "init"] and len(curves) == 2 * 5

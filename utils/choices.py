@@ -11,6 +11,15 @@ DEFAULT_NORM = {"resnet18": "batch", "vgg11": "none", "flatten": "none"}
 # Smallest input side each encoder handles: VGG11 halves the map five times; ResNet18 (CIFAR stem) three.
 MIN_IMAGE_SIZE = {"resnet18": 8, "vgg11": 32, "flatten": 1}
 LOSSES = ("ce", "kl", "mse")
+
+
+def uses_channels_last(setting, model: str) -> bool:
+    """--channels-last on/off/auto (or the bool a run's config.json stores) -> whether the convolutions run in the
+    channels_last layout; auto: on for resnet18 (faster on CPU), off otherwise. The layout changes the kernels'
+    summation order, so probing a run's networks in its own layout reproduces its probes exactly."""
+    if isinstance(setting, bool):
+        return setting
+    return setting == "on" or (setting in ("auto", None) and model == "resnet18")
 BUILT_IN = ("digits", "photos")  # offline datasets, generated at a fixed 32 x 32
 BOTTLENECK_PRESETS = {"default": "-/lb/fn/wn/l/-", "paper": "-/lb/fn/wn/l/-", "official": "-/lb/fn/-/l/-"}
 

@@ -234,6 +234,18 @@ def add_data_args(p: argparse.ArgumentParser, default_dataset: str | None = "dig
     return g
 
 
+def add_report_args(g) -> None:
+    """--report-to and --tracker-project (utils.tracking): live curves of what metrics.csv records."""
+    from utils.tracking import TRACKERS, tracker_name
+
+    g.add_argument("--report-to", type=tracker_name, nargs="+", default=["none"], metavar="TRACKER",
+                   help="also log metrics.csv's scalars (same steps) and the configuration to these trackers, "
+                        f"through Accelerate: none or any of {', '.join(TRACKERS)}; one tracker run per run folder, "
+                        "continued on resume (tensorboard: <run folder>/tensorboard)")
+    g.add_argument("--tracker-project", default="random-teachers",
+                   help="project (experiment) name in the trackers that group runs by project")
+
+
 # Probe settings and their defaults; probe.py leaves them unset so that a run's own values can fill them.
 PROBE_DEFAULTS = {"probe_seed": 0, "probe_epochs": 10, "knn_k": 20, "knn_metric": "l2", "probe_standardized": False}
 
@@ -284,6 +296,13 @@ def add_probe_args(p: argparse.ArgumentParser, inherited: bool = False, repeated
     g.add_argument("--probe-batch-size", type=count(1), default=512,
                    help="images per forward pass when extracting features (results do not depend on it)")
     return g
+
+
+def check_knn_k(k: int, n_train: int, subset_flag: str) -> None:
+    """The k-NN probe votes among its training images: k beyond their number would silently use them all."""
+    if k > n_train:
+        raise UsageError("--knn-k", f"{k} neighbours, but the probes train on {n_train} images (set by the dataset "
+                                    f"and {subset_flag}); use at most {n_train}")
 
 
 def fill_probe_defaults(args, run_config: dict | None) -> list[str]:

@@ -24,6 +24,9 @@ from utils.probing import probe_features
 from utils.results import atomic_path, write_json
 
 COLLINEAR_SIN2 = 1e-12  # sin^2 of the angle at v0 below which three points span no usable plane
+# Two points closer than this fraction of their norm coincide as networks: float32 parameters resolve ~6e-8 of
+# their size, so the plane's axis between them is round-off (e.g. the teacher and an alpha = 1e-10 student's init).
+COINCIDENT_REL = 1e-6
 
 
 # ------------------------------------------------------------------------------------------- the plane
@@ -45,11 +48,16 @@ class Plane:
     """The plane through three float64 vectors in `coords` ('affine' or 'ortho'); `points` are their (x, y)."""
 
     def __init__(self, vectors: list[torch.Tensor], coords: str = "affine"):
-        v0, v1, v2 = (v.double() for v in vectors)
+        v0, v1, v2 = vs = [v.double() for v in vectors]
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            gap, size = float((vs[i] - vs[j]).norm()), max(float(vs[i].norm()), float(vs[j].norm()))
+            if gap <= COINCIDENT_REL * size:
+                raise CollinearPoints(f"the three points are collinear or two coincide, so they span no plane: "
+                                      f"points {i + 1} and {j + 1} are {gap:.2g} apart, under {COINCIDENT_REL:g} of "
+                                      f"their norm {size:.3g} (the resolution of float32 networks)")
         basis = torch.stack([v1 - v0, v2 - v0], 1)
         gram = basis.T @ basis
-        lengths = gram.diagonal()
-        if lengths.min() == 0 or (gram.det() / lengths.prod()).item() < COLLINEAR_SIN2:
+        if (gram.det() / gram.diagonal().prod()).item() < COLLINEAR_SIN2:
             raise CollinearPoints("the three points are collinear (or two coincide), so they span no plane")
         self.coords = coords
         if coords == "affine":

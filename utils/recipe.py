@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from utils.cli import UsageError, check_range
+from utils.cli import UsageError
 
 SCOPES = ("weights", "all")
 BN_MODES = ("recompute", "interpolate")
@@ -41,39 +41,47 @@ def add_student_args(p) -> None:
     add_data_args(p, default_dataset=None)
 
 
+def default_milestones(epochs: int) -> tuple[int, ...]:
+    """The paper's schedule scaled to `epochs`: decay after 50 % and 75 % of the epochs (80 and 120 of 160);
+    milestones that would fall at epoch 0 or merge are dropped (1 epoch: none; 2 epochs: after epoch 1)."""
+    return tuple(sorted({m for m in (epochs // 2, 3 * epochs // 4) if 0 < m < epochs}))
+
+
 def add_recipe_args(p) -> None:
-    g = p.add_argument_group("supervised SGD recipe (SPEC §5; defaults are the paper's)")
-    g.add_argument("--epochs", type=int, default=160)
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--lr-milestones", type=int, nargs="*", default=[80, 120], help="epochs after which lr decays")
-    g.add_argument("--lr-decay", type=float, default=0.1, help="lr factor at each milestone")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD (coupled) weight decay, every parameter")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch size (split across processes)")
-    g.add_argument("--crop-padding", type=int, default=4, help="zero padding (pixels) of the random crop; 0: none")
+    from utils.cli import count, fraction, non_negative, positive
+
+    g = p.add_argument_group("supervised SGD recipe (paper App. C.5; the defaults are the paper's)")
+    g.add_argument("--epochs", type=count(1), default=160, help="training epochs of every run (IMP round, LMC copy)")
+    g.add_argument("--lr", type=positive, default=0.1, help="SGD learning rate before the first milestone")
+    g.add_argument("--lr-milestones", type=count(1), nargs="*", metavar="EPOCH",
+                   help="epochs after which the learning rate is multiplied by --lr-decay, each before --epochs "
+                        "(default: 50 %% and 75 %% of --epochs: 80 120 for 160 epochs)")
+    g.add_argument("--lr-decay", type=positive, default=0.1, help="learning-rate factor at each milestone")
+    g.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum, in [0, 1]")
+    g.add_argument("--weight-decay", type=non_negative, default=1e-4,
+                   help="SGD (coupled) weight decay, every parameter")
+    g.add_argument("--batch-size", type=count(2), default=256, help="global batch size (split across processes)")
+    g.add_argument("--crop-padding", type=count(0), default=4,
+                   help="zero padding (pixels) of the random crop; 0: none")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
-    g.add_argument("--head-seed", type=int, default=0, help="seed of the fresh linear classifier's init")
-    g.add_argument("--eval-every", type=int, default=1, help="test accuracy every N epochs (and at the end)")
-    g.add_argument("--eval-batch-size", type=int, default=1000)
+    g.add_argument("--head-seed", type=count(0), default=0, help="seed of the fresh linear classifier's init")
+    g.add_argument("--eval-every", type=count(1), default=1, help="test accuracy every N epochs (and at the end)")
+    g.add_argument("--eval-batch-size", type=count(1), default=1000, help="test images per forward pass")
     g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="default: the accelerate config's")
-    g.add_argument("--checkpoint-every", type=int, default=10,
+    g.add_argument("--checkpoint-every", type=count(0), default=10,
                    help="resumable checkpoint every N epochs (0: only on SIGTERM/SIGUSR1)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--keep-checkpoints", type=count(1), default=2, help="how many of the newest checkpoints to keep")
 
 
 def recipe_from_args(args) -> Recipe:
-    """Check the recipe flags (before any data is loaded) and return the Recipe."""
-    check_range("--epochs", args.epochs, integer_min=1)
-    check_range("--batch-size", args.batch_size, integer_min=2)
-    check_range("--crop-padding", args.crop_padding, integer_min=0)
-    check_range("--eval-every", args.eval_every, integer_min=1)
-    check_range("--eval-batch-size", args.eval_batch_size, integer_min=1)
-    check_range("--checkpoint-every", args.checkpoint_every, integer_min=0)
-    check_range("--keep-checkpoints", args.keep_checkpoints, integer_min=1)
-    check_range("--momentum", args.momentum, 0.0, 1.0)
-    if not args.lr > 0:
-        raise UsageError("--lr", f"must be > 0, got {args.lr}")
-    if args.weight_decay < 0:
-        raise UsageError("--weight-decay", f"must be >= 0, got {args.weight_decay}")
+    """The Recipe of the (range-checked) flags; milestones default to the paper's fractions of --epochs, and one
+    at or after --epochs is refused: the learning rate would silently never decay there."""
+    if args.lr_milestones is None:
+        args.lr_milestones = list(default_milestones(args.epochs))
+    late = [m for m in args.lr_milestones if m >= args.epochs]
+    if late:
+        raise UsageError("--lr-milestones", f"milestone {late[0]} is not before --epochs {args.epochs}, so the "
+                                            f"learning rate would never decay there; use epochs in [1, "
+                                            f"{args.epochs - 1}] (the default scales 80 120 of 160 to --epochs)")
     return Recipe(args.epochs, args.lr, tuple(args.lr_milestones), args.lr_decay, args.momentum, args.weight_decay,
                   args.batch_size, args.crop_padding, not args.no_flip)

@@ -61,7 +61,7 @@ def write_table(path, df: pd.DataFrame, **to_csv) -> None:
 # What a run folder holds, in the order a discarded run loses it: summary.json (the "finished" mark) first,
 # config.json (what checkpoints are checked against) last, so a crash mid-way leaves nothing that looks whole.
 RUN_CONTENTS = ("summary.json", "student", "probe_table.csv", "probe_accuracy.png", "probes", "metrics.csv",
-                "checkpoints", "config.json")
+                "tensorboard", "dvclive", "checkpoints", "config.json")
 
 
 def read_config(folder: Path) -> dict | None:
@@ -101,13 +101,17 @@ def environment() -> dict:
 
 
 class MetricLog:
-    """Tidy metrics: one row per (epoch, step, metric). Rewritten atomically to metrics.csv on `flush`."""
+    """Tidy metrics: one row per (epoch, step, metric). Rewritten atomically to metrics.csv on `flush`. With a
+    `tracker` (utils.tracking.RunTracker) every row is also logged there as it is recorded, at its step."""
 
-    def __init__(self, path):
-        self.path, self.rows = Path(path), []
+    def __init__(self, path, tracker=None):
+        self.path, self.rows, self.tracker = Path(path), [], tracker
 
     def log(self, epoch: int, step: int, values: dict) -> None:
-        self.rows += [{"epoch": epoch, "step": step, "metric": k, "value": float(v)} for k, v in values.items()]
+        values = {k: float(v) for k, v in values.items()}
+        self.rows += [{"epoch": epoch, "step": step, "metric": k, "value": v} for k, v in values.items()]
+        if self.tracker is not None:
+            self.tracker.log(values, step)
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=["epoch", "step", "metric", "value"])
@@ -166,6 +170,19 @@ def markdown_table(table: pd.DataFrame, digits: int = 2) -> str:
     cells += [[str(i)] + [cell(v) for v in row] for i, row in zip(table.index, table.astype(object).to_numpy())]
     lines = ["| " + " | ".join(r) + " |" for r in cells]
     return "\n".join(lines[:1] + ["|" + "---|" * len(cells[0])] + lines[1:])
+
+
+def probe_line(epoch: int, step: int, values: dict) -> str:
+    """One console line for the probes of one epoch: `epoch 3, step 12 | student linear 45.31 % knn 40.10 % |
+    ...` (test accuracies; val ones follow in brackets)."""
+    parts = []
+    for subject in SUBJECTS:
+        own = [(probe, values[f"{subject}/{probe}/test"]) for probe in PROBES if f"{subject}/{probe}/test" in values]
+        if own:
+            parts.append(f"{subject} " + " ".join(
+                f"{probe} {100 * v:.2f} %" + (f" (val {100 * values[f'{subject}/{probe}/val']:.2f} %)"
+                                              if f"{subject}/{probe}/val" in values else "") for probe, v in own))
+    return f"epoch {epoch}, step {step} | " + " | ".join(parts)
 
 
 def format_table(table: pd.DataFrame) -> str:

@@ -25,6 +25,7 @@ from utils.probing import extract_features
 from utils.pruning import apply_masks
 from utils.recipe import Recipe
 from utils.results import MetricLog, atomic_path
+from utils.tracking import open_tracker
 
 AUGMENT_SALT = 7_777_777_777  # keeps the augmentation stream apart from epoch_order's generator seeds
 
@@ -102,6 +103,8 @@ class SupervisedTrainer:
         self.raw = accelerator.unwrap_model(self.model)
         self.fresh_optimizer = copy.deepcopy(self.optimizer.state_dict())
         self.masks: dict | None = None
+        # --report-to: (the script's args, its output folder, the invocation's config and run id); set by setup_run
+        self.report: tuple | None = None
 
     # ---- state
     def state(self) -> dict:
@@ -160,6 +163,15 @@ class SupervisedTrainer:
             pos, log.rows = {k: restored[k] for k in pos}, restored["rows"]
         elif on_fresh_start is not None:
             on_fresh_start()
+        # one tracker run per run folder, named once and kept in its checkpoints so a resumption continues it
+        tracker_run = (restored or {}).get("tracker_run")
+        if self.report is not None:
+            args, root, config, run_id = self.report
+            where = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else folder.name
+            tracker_run = tracker_run or f"{run_id}/{where}"
+            config = config | {"run_folder": where, "data_seed": data_seed, "start_epoch": start_epoch}
+            log.tracker = open_tracker(args, folder, tracker_run, config, acc.is_main_process, group=root.name,
+                                       resume_step=pos["step"] if restored else None)
         steps_per_epoch = len(epoch_batches(n, recipe.batch_size, data_seed, 1, world))
         bar = tqdm(total=(recipe.epochs - start_epoch) * steps_per_epoch, initial=pos["step"], desc=desc,
                    disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
@@ -179,7 +191,8 @@ class SupervisedTrainer:
 
         def checkpoint(epoch, batch, loss):
             stop_if_diverged(finite_state(self.raw) and math.isfinite(loss), "weights", epoch)  # never save NaNs
-            state = {**pos, "epoch": epoch, "batch": batch, "loss": loss, "rows": log.rows}
+            state = {**pos, "epoch": epoch, "batch": batch, "loss": loss, "rows": log.rows,
+                     "tracker_run": tracker_run}
             save_checkpoint(acc, folder / "checkpoints", pos["step"], state, self.keep_checkpoints)
 
         accuracy = math.nan
@@ -221,6 +234,8 @@ class SupervisedTrainer:
                     checkpoint(epoch + 1, 0, 0.0)
         finally:
             bar.close()
+            if log.tracker is not None:
+                log.tracker.finish()
         if acc.is_main_process:
             log.flush()
         return {"best": pos["best"], "final": accuracy, "best_epoch": pos["best_epoch"], "steps": pos["step"]}
@@ -387,20 +402,19 @@ def setup_run(args, kind: str, defines: dict, outputs: tuple[str, ...], check=No
     if check is not None:
         check(students, data, trainer)
     run_id = new_run_id(out.name)
+    about = [{"ref": s.ref, "folder": s.folder, "weights_sha256": s.hash, "config": s.net.config()} for s in students]
+    config = {**{k: v for k, v in vars(args).items() if k != "recipe"}, "run_id": run_id, "students": about,
+              "num_classes": data.num_classes, "world_size": accelerator.num_processes, "environment": environment()}
+    trainer.report = (args, out, config, run_id)  # for --report-to: one tracker run per round / copy folder
     if accelerator.is_main_process:  # ready and checked: only now is anything deleted or written
         writing_to(out)
         if state == "replace":
             fingerprint.discard(out, owned)
-        about = [{"ref": s.ref, "folder": s.folder, "weights_sha256": s.hash, "config": s.net.config()}
-                 for s in students]
         if fingerprint.read(out) is None:
             fingerprint.write(out, kind, top, students=about)
         for s, entry in zip(students, about):
             if fingerprint.read(out / s.folder) is None:
                 fingerprint.write(out / s.folder, kind, {**common, "--student": s.hash}, students=[entry])
-        write_json(out / "configs" / f"{run_id}.json",
-                   {**{k: v for k, v in vars(args).items() if k != "recipe"}, "run_id": run_id,
-                    "students": about, "num_classes": data.num_classes,
-                    "world_size": accelerator.num_processes, "environment": environment()})
+        write_json(out / "configs" / f"{run_id}.json", config)
     accelerator.wait_for_everyone()
     return students, data, trainer, out, run_id

@@ -397,7 +397,7 @@ def test_lr_milestones_default_to_the_papers_fractions_of_the_epochs(epochs, mil
     (["--epochs", "2", "--lr-milestones", "80", "120"], "--lr-milestones", "milestone 80 is not before --epochs 2"),
     (["--epochs", "0"], "--epochs", ">= 1"), (["--lr", "0"], "--lr", "> 0"),
     (["--momentum", "1.5"], "--momentum", "<= 1"),
-    (["--rounds", "-1"], "--rounds", ">= 0"), (["--seeds", "x"], "--seeds", "integer"),
+    (["--rounds", "-1"], "--rounds", ">= 1"), (["--seeds", "x"], "--seeds", "integer"),
 ])
 def test_recipe_flags_are_checked_while_parsing(extra, flag, words, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -162,7 +162,8 @@ def distill_jobs(slurm):
     for name, extra_env, options in (
             ("usr1", held, ()),                                             # scancel --signal=USR1 --batch
             ("requeue", held, ()),                                          # scontrol requeue (pre-emption)
-            ("time_limit", held, ("--time=2", "--signal=B:USR1@90")),       # USR1 60 s before the 2-minute limit
+            # USR1 60 s before the 3-minute limit: Slurm sends it up to ~30 s early, still after the run's start
+            ("time_limit", held, ("--time=3", "--signal=B:USR1@60")),
             ("keeps_failing", {**held, "RT_HOLD_EVERY_START": "1", "MAX_REQUEUES": "1"}, ()),
             ("two_nodes", {**env, "RT_RECORD_DIR": str(tmp / "nodes")}, ("--nodes=2",))):
         (tmp / "nodes").mkdir(exist_ok=True)
@@ -184,7 +185,7 @@ def assert_same_run(run_dir: Path, reference: Path):
     assert not (run_dir / "checkpoints").exists()  # finished: the checkpoints are gone
 
 
-def check_requeued_once_and_resumed(distill_jobs, name, signal_it):
+def check_requeued_and_resumed(distill_jobs, name, signal_it, requeues=1):
     (job, run_dir, log), reference = distill_jobs[0][name], distill_jobs[1]
     if signal_it:
         wait(lambda: "HOLDING" in text(log), f"job {job} to reach step 3")
@@ -192,30 +193,33 @@ def check_requeued_once_and_resumed(distill_jobs, name, signal_it):
     [info] = wait_ended(job)
     out = text(log)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-3000:]
-    assert info["Restarts"] == "1", f"requeued {info['Restarts']} times:\n{out[-3000:]}"
-    starts = re.findall(r"job (\d+) \(start (\d)\):.*run folder (\S+)", out)
-    assert starts == [(job, "1", str(run_dir)), (job, "2", str(run_dir))], out[-3000:]  # same job id and folder
-    assert "checkpoint saved" in out and f"resuming {run_dir}" in out, out[-3000:]
+    restarts = int(info["Restarts"])
+    assert restarts == requeues or (requeues is None and restarts >= 1), f"requeued {restarts} times:\n{out[-3000:]}"
+    starts = re.findall(r"job (\d+) \(start (\d+)\):.*run folder (\S+)", out)
+    assert starts == [(job, str(i + 1), str(run_dir)) for i in range(restarts + 1)], out[-3000:]  # same job, folder
+    assert out.count("checkpoint saved") == out.count(f"resuming {run_dir}") == restarts, out[-3000:]
     assert_same_run(run_dir, reference)
     time.sleep(3)  # a finished job is not requeued again
     [info] = jobs(job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1"
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == restarts
     return out
 
 
 def test_usr1_to_the_batch_script_checkpoints_requeues_and_resumes_bit_identically(distill_jobs):
-    out = check_requeued_once_and_resumed(
+    out = check_requeued_and_resumed(
         distill_jobs, "usr1", lambda job: subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True))
     assert "requeueing it (requeue 1 of at most 10)" in out
 
 
 def test_preemption_by_scontrol_requeue_resumes_bit_identically(distill_jobs):
-    check_requeued_once_and_resumed(distill_jobs, "requeue",
-                                    lambda job: subprocess.run(["scontrol", "requeue", job], check=True))
+    out = check_requeued_and_resumed(distill_jobs, "requeue",
+                                     lambda job: subprocess.run(["scontrol", "requeue", job], check=True))
+    assert "requeueing it" not in out  # Slurm's own requeue, not a second one from the script
 
 
 def test_time_limit_signal_margin_checkpoints_before_the_limit_and_resumes(distill_jobs):
-    out = check_requeued_once_and_resumed(distill_jobs, "time_limit", None)
+    # the restart may itself reach the margin before it finishes: then it is requeued once more, and resumes again
+    out = check_requeued_and_resumed(distill_jobs, "time_limit", None, requeues=None)
     assert "TIME LIMIT" not in out and "requeueing it (requeue 1" in out  # stopped by the margin, not killed
 
 

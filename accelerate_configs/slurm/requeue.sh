@@ -4,23 +4,24 @@
 #   run_requeueable COMMAND...
 #
 # runs COMMAND in the background and waits for it, so the batch shell can react to signals while it runs (bash
-# runs a trap only once its foreground command has ended). Then:
-#   * USR1 (`#SBATCH --signal=B:USR1@180`: 3 minutes before the time limit, or `scancel --signal=USR1 --batch`)
-#     or TERM (pre-emption, `scontrol requeue`, `scancel`): the command is sent SIGTERM, checkpoints at the next
-#     step and exits with 143 (or 138 for its own SIGUSR1); the job is then requeued: same job id, same
-#     arguments, so the same run folder, where the run resumes.
-#   * Only a job that was signalled is requeued, and only if its command then stopped after a checkpoint (143 /
-#     138). A finished command (0), a failed one (any other status), or one that died on its own with 143 (srun
-#     reports a task killed after another task failed that way) is never requeued: a finished run cannot loop,
-#     and a broken one fails once, visibly.
-#   * At most MAX_REQUEUES (default 10) requeues per job (SLURM_RESTART_COUNT counts them, Slurm's own
-#     requeues included): a run that keeps being stopped ends FAILED with its checkpoint kept; resubmitting
-#     the same command resumes it.
+# runs a trap only once its foreground command has ended). On USR1 or TERM the command is sent SIGTERM (through
+# scancel for an srun command: srun itself would SIGKILL its tasks), writes a checkpoint at its next step and
+# exits with 143 (138 for its own SIGUSR1). What happens next depends on who signalled:
+#   * USR1 (`#SBATCH --signal=B:USR1@180`: about 3 minutes before the time limit; or `scancel --signal=USR1
+#     --batch`): the job is still RUNNING, so this script requeues it: same job id, same arguments, so the same
+#     run folder, where the run resumes exactly.
+#   * TERM from pre-emption or `scontrol requeue`: Slurm requeues the job itself (PreemptMode=REQUEUE and
+#     --requeue); TERM from `scancel` or the hard time limit: the job ends CANCELLED / TIMEOUT. Either way this
+#     script leaves the job's fate to Slurm, and the checkpoint is there for the next start or a resubmission.
+#   * A command that finished (0), failed (any other status) or stopped without this shell being signalled is
+#     never requeued: a finished run cannot loop, and a broken one fails once, visibly.
+#   * At most MAX_REQUEUES (default 10) restarts per job (SLURM_RESTART_COUNT, Slurm's own requeues included):
+#     a run that keeps being stopped ends FAILED with its checkpoint kept; resubmitting the same command resumes.
 MAX_REQUEUES=${MAX_REQUEUES:-10}
 
 run_requeueable() {
   "$@" &
-  _requeue_child=$!
+  _requeue_child=$! _requeue_srun=$([ "$1" = srun ] && echo 1)
   trap _requeue_on_signal USR1 TERM
   wait "$_requeue_child"
   local status=$?
@@ -32,28 +33,33 @@ run_requeueable() {
 _requeue_on_signal() {
   trap '' USR1 TERM   # one checkpoint request is enough; a second signal must not interrupt the wait below
   echo "$(date '+%F %T') signal received: asking the run to checkpoint and stop"
-  kill -TERM "$_requeue_child" 2>/dev/null
+  if [ -n "$_requeue_srun" ]; then
+    scancel --signal=TERM "$SLURM_JOB_ID"   # the job's steps, not this shell: srun itself would SIGKILL its tasks
+  else
+    kill -TERM "$_requeue_child" 2>/dev/null
+  fi
   wait "$_requeue_child"
   _requeue_finish $?
 }
 
 _requeue_finish() {
-  local status=$1 job restarts
+  local status=$1 job restarts state
   job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
   job=${job:-$SLURM_JOB_ID}
   restarts=${SLURM_RESTART_COUNT:-0}
+  state=$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null)
   if [ "$status" -ne 143 ] && [ "$status" -ne 138 ]; then
     echo "$(date '+%F %T') job $job ended with status $status (not requeued)"
-    exit "$status"
-  fi
-  if [ "$restarts" -ge "$MAX_REQUEUES" ]; then
-    echo "$(date '+%F %T') job $job stopped after a checkpoint, but it was already requeued $restarts times" \
+  elif [ "$state" != RUNNING ]; then
+    echo "$(date '+%F %T') job $job checkpointed; Slurm is ending it (${state:-gone}): its requeue or cancel stands"
+  elif [ "$restarts" -ge "$MAX_REQUEUES" ]; then
+    echo "$(date '+%F %T') job $job checkpointed, but it was already requeued $restarts times" \
          "(MAX_REQUEUES=$MAX_REQUEUES): not requeued; resubmit the same command to resume"
-    exit "$status"
+  else
+    echo "$(date '+%F %T') job $job checkpointed: requeueing it (requeue $((restarts + 1)) of at most $MAX_REQUEUES)"
+    scontrol requeue "$job" && exit 0
   fi
-  echo "$(date '+%F %T') job $job checkpointed: requeueing it (requeue $((restarts + 1)) of at most $MAX_REQUEUES)"
-  scontrol requeue "$job" || echo "(Slurm requeues it itself: pre-emption or scontrol requeue)"
-  exit 0
+  exit "$status"
 }
 
 # GPUs: whatever Slurm allocated to the node (submit with --gres=gpu:N, or export SBATCH_GRES=gpu:N), unless

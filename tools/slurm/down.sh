@@ -14,13 +14,13 @@ fi
 
 # jobs first: a job's processes (slurmstepd and below) outlive a stopped slurmd
 if [ -f "$STATE/slurmctld.pid" ] && squeue -h >/dev/null 2>&1; then
-  scancel --full --quiet --state=RUNNING --signal=KILL 2>/dev/null
-  scancel --quiet --user="$(id -un)" 2>/dev/null
-  for _ in $(seq 30); do
-    [ -z "$(squeue -h -t all -o %i 2>/dev/null)" ] && [ -z "$(squeue -h -t CG -o %i 2>/dev/null)" ] && break
-    squeue -h -t R,CG -o %i 2>/dev/null | grep -q . || break
+  mapfile -t jobs < <(squeue -h -o %i)
+  [ "${#jobs[@]}" -gt 0 ] && scancel "${jobs[@]}"
+  for _ in $(seq 30); do   # cancelled jobs get SIGTERM, then SIGKILL after KillWait (10 s)
+    [ -z "$(squeue -h -o %i)" ] && break
     sleep 1
   done
+  [ -z "$(squeue -h -o %i)" ] || echo "tools/slurm/down.sh: jobs still ending: $(squeue -h -o %i | tr '\n' ' ')" >&2
 fi
 
 stop() {  # stop <pid file>: SIGTERM, then SIGKILL after 10 s

@@ -51,12 +51,13 @@ _requeue_finish() {
   if [ "$status" -ne 143 ] && [ "$status" -ne 138 ]; then
     echo "$(date '+%F %T') job $job ended with status $status (not requeued)"
   elif [ "$state" != RUNNING ]; then
-    echo "$(date '+%F %T') job $job checkpointed; Slurm is ending it (${state:-gone}): its requeue or cancel stands"
+    echo "$(date '+%F %T') job $job stopped; Slurm is ending it (${state:-gone}): its requeue or cancel stands"
   elif [ "$restarts" -ge "$MAX_REQUEUES" ]; then
-    echo "$(date '+%F %T') job $job checkpointed, but it was already requeued $restarts times" \
+    echo "$(date '+%F %T') job $job stopped, but it was already requeued $restarts times" \
          "(MAX_REQUEUES=$MAX_REQUEUES): not requeued; resubmit the same command to resume"
   else
-    echo "$(date '+%F %T') job $job checkpointed: requeueing it (requeue $((restarts + 1)) of at most $MAX_REQUEUES)"
+    echo "$(date '+%F %T') job $job stopped after the signal: requeueing it (requeue $((restarts + 1)) of at most" \
+         "$MAX_REQUEUES)"
     scontrol requeue "$job" && exit 0
   fi
   exit "$status"

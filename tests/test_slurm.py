@@ -131,7 +131,7 @@ def signal_on_hold(job: str, log: Path, command: list[str]):
     def drive():
         if text(log).count("HOLDING") > sent[0]:
             sent[0] += 1
-            subprocess.run([*command, job], check=True)
+            subprocess.run([*command, job], capture_output=True)  # never raise: the thread must keep driving
     return drive
 
 
@@ -191,7 +191,7 @@ def distill_jobs(slurm):
     for name, extra_env, options, on_hold in (
             ("usr1", held, (), usr1),
             ("requeue", held, (), requeue),                                 # as a pre-emption does
-            # USR1 60 s before the 3-minute limit: Slurm sends it up to ~30 s early, still after the run's start
+            # USR1 60 s before the 3-minute limit (Slurm sends it up to ~30 s early): 90-120 s into each start
             ("time_limit", held, ("--time=3", "--signal=B:USR1@60"), None),
             ("keeps_failing", {**held, "RT_HOLD_EVERY_START": "1", "MAX_REQUEUES": "1"}, (), usr1),
             ("two_nodes", {**env, "RT_RECORD_DIR": str(tmp / "nodes")}, ("--nodes=2",), None)):

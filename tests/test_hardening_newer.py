@@ -631,7 +631,7 @@ def test_a_really_full_disk_is_one_line(place, tiny_dataset, tmp_path, capsys):
     try:
         (disk / "filler").write_bytes(b"\0" * 150_000)
         line = one_error_line(lmc.main, lmc_args(place / "student", tiny_dataset, disk / "lmc"), capsys, code=1)
-        assert str(disk / "lmc" / "student" / "copy-0") in line and "no space left" in line.lower(), line
+        assert str(student_dir(disk / "lmc") / "student" / "copy-0") in line and "no space left" in line.lower(), line
         assert not [p for p in (disk / "lmc").rglob("*") if p.name.startswith(".")]  # no temporary left
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=True)  # lazy: the failed writer may still hold a file

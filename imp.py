@@ -7,7 +7,7 @@
 Two starts from one --student (run folder, save_pretrained folder or Hub id): `student` = the distilled
 encoder theta_S* (rewound to itself, l = 0) and `init` = its initialisation theta_S, whose dense run saves
 rewind points at epochs l in --rewind-epochs (one dense run per seed serves every l). Each start gets a fresh
-linear classifier and the SPEC §5 SGD recipe. Round 0 trains densely; round r prunes --prune-fraction of the
+linear classifier and the SGD recipe (paper App. C.5). Round 0 trains densely; round r prunes --prune-fraction of the
 remaining weights (globally, by magnitude, from round r-1's final weights), rewinds the survivors to the
 rewind point and retrains to the end. Finished rounds are skipped and an interrupted one resumes.
 
@@ -33,7 +33,7 @@ OUTPUTS = ("imp_table.csv", "imp_summary.csv", "imp.png")
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@", epilog=TRAINING_EXIT_STATUS)
     add_student_args(p)
-    i = p.add_argument_group("IMP (SPEC §5)")
+    i = p.add_argument_group("IMP (paper §6, App. C.5, Fig. 9)")
     i.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS),
                    help="student: theta_S*, rewound to l = 0; init: theta_S, rewound to each --rewind-epochs")
     i.add_argument("--rewind-epochs", type=count(0), nargs="+", default=[0, 1, 2, 5],

@@ -4,7 +4,7 @@
     accelerate launch lmc.py --student runs/distill-cifar10-resnet18-a0-s{0,1,2} --copies 5 --output-dir runs/lmc-fig10
     python lmc.py --student runs/digits-student --epochs 4 --lr-milestones 2 3 --copies 3      # CPU-sized
 
-From each start, K copies are trained with the SPEC §5 SGD recipe, differing only in their data seed (data
+From each start, K copies are trained with the SGD recipe (paper App. C.5), differing only in their data seed (data
 order and augmentation); every pair is evaluated at --gammas evenly spaced points of the segment
 (1 - gamma) theta_i + gamma theta_j, with BatchNorm statistics recomputed at every point on a fixed training
 subset (default) or interpolated with the weights. Starts: `student` (theta_S*), `init` (its initialisation
@@ -35,7 +35,7 @@ LABELS = {"student": "start: student θ_S*", "init": "start: initialisation θ_S
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@", epilog=TRAINING_EXIT_STATUS)
     add_student_args(p)
-    m = p.add_argument_group("mode connectivity (SPEC §6)")
+    m = p.add_argument_group("mode connectivity (paper §6, Fig. 10)")
     m.add_argument("--starts", nargs="+", choices=STARTS + ("checkpoint",), default=list(STARTS),
                    help="the starts to compare, side by side in the figure")
     m.add_argument("--checkpoint", help="start `checkpoint`: a supervised state file (an imp.py rewind point "

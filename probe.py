@@ -5,7 +5,7 @@
     python probe.py --student runs/distill-tinyimagenet-vgg11-a1e-10-s0 --dataset cifar10   # transfer (Tables 2, 4)
 
 `--student` is a run folder, a save_pretrained folder or a Hub model id. Linear and k-NN probes on eval-mode
-encoder features (SPEC §3); prints the table and writes probe_table.csv and probe_results.json.
+encoder features (docs/method.md); prints the table and writes probe_table.csv and probe_results.json.
 """
 from __future__ import annotations
 

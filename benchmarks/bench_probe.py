@@ -6,7 +6,7 @@
     python benchmarks/bench_probe.py --skip-images                     # only the 50k x 512 feature timing
 
 Part 1, images -> accuracies. Both sides probe the same frozen random encoder (eval mode, the encoder of
-utils.models.init_network) on the same 32x32 digit canvases with the same protocol (SPEC §3): a linear probe
+utils.models.init_network) on the same 32x32 digit canvases with the same protocol (docs/method.md): a linear probe
 (Linear(512, C), AdamW lr 1e-3 wd 0.01, batch 256, --epochs epochs) and a k-NN probe (k=20, Euclidean,
 majority vote), both scored on the test images.
 

@@ -1,5 +1,5 @@
 """utils/dynamics.py and --log-dynamics: the logged gradient and Adam step sizes are those of the step just taken,
-eps damping is seen where the SPEC says (round-off-sized first gradients near alpha = 0), BN statistics gaps."""
+eps damping is seen where docs/method.md says (round-off-sized first gradients near alpha = 0), BN statistics gaps."""
 import copy
 import math
 
@@ -56,7 +56,7 @@ def test_logged_gradient_and_step_are_those_of_the_last_step(alpha):
 
 
 def test_eps_damps_the_first_steps_near_alpha_zero_and_not_at_alpha_one():
-    """SPEC §2: near alpha = 0 the first gradients are round-off sized, below AdamW's eps."""
+    """docs/method.md: near alpha = 0 the first gradients are round-off sized, below AdamW's eps."""
     for alpha, low, high in ((1e-10, 0.99, 1.0), (1.0, 0.0, 0.6)):  # at 1, the rest are zero gradients (dead units)
         _, student, _, optimizer, step, _ = _step(alpha, steps=1)
         frac = step_diagnostics(student, optimizer, step.grad_sq, per_layer=False)["train/eps_damped"]

@@ -1,4 +1,4 @@
-"""The distillation objective (SPEC §2) and the probes (SPEC §3), each against an independent reference."""
+"""The distillation objective and the probes (docs/method.md), each against an independent reference."""
 from collections import Counter
 
 import pytest

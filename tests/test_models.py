@@ -1,4 +1,4 @@
-"""Networks (SPEC §1-§2): the bottleneck grammar, encoders, seeded init, teacher/student construction, Hub I/O."""
+"""Networks (docs/method.md): the bottleneck grammar, encoders, seeded init, teacher/student construction, Hub I/O."""
 import copy
 import math
 

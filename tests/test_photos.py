@@ -1,4 +1,4 @@
-"""The built-in `photos` dataset (SPEC §4): deterministic, balanced, train and test from disjoint halves of every
+"""The built-in `photos` dataset (docs/method.md): deterministic, balanced, train and test from disjoint halves of every
 photograph, no network; train_distill.py and probe.py run on it."""
 import socket
 

@@ -1,4 +1,4 @@
-"""train_distill.main in-process (SPEC §2-§3): frozen eval-mode teacher, exact teacher caching, the run folder,
+"""train_distill.main in-process (docs/method.md): frozen eval-mode teacher, exact teacher caching, the run folder,
 skipping finished runs, --val-size / --train-subset / --input-noise, and fused vs plain AdamW."""
 import copy
 import json

@@ -38,7 +38,7 @@ class DatasetSpec:
     image_size: int | None = None
 
 
-REGISTRY = {  # SPEC §4
+REGISTRY = {  # docs/method.md, Data
     "cifar10": DatasetSpec("uoft-cs/cifar10", "img", "label", image_size=32),
     "cifar100": DatasetSpec("uoft-cs/cifar100", "img", "fine_label", image_size=32),
     "stl10": DatasetSpec("jxie/stl10", "image", "label", image_size=96),
@@ -80,7 +80,7 @@ class ImageDataset:
 
 # ------------------------------------------------------------------------------------------ built-in digits
 def build_digits(n_train: int = 5000, n_test: int = 1000, seed: int = 0) -> tuple[Split, Split]:
-    """SPEC §4: the 1,797 8x8 UCI digits bundled with scikit-learn, upscaled 2x (nearest) and pasted at a
+    """docs/method.md, Data: the 1,797 8x8 UCI digits bundled with scikit-learn, upscaled 2x (nearest) and pasted at a
     random position on a black 32x32 canvas. Train and test canvases come from disjoint source digits
     (a fixed, per-class 80/20 split of the sources). Fully deterministic for a given seed."""
     from sklearn.datasets import load_digits
@@ -170,7 +170,7 @@ def render_crops(photos, boxes: np.ndarray, size: int = 32) -> Split:
 
 
 def build_photos(n_train: int = 5000, n_test: int = 1000, seed: int = 0, size: int = 32) -> tuple[Split, Split]:
-    """SPEC §4: `size`x`size` crops at random scales and positions of the photographs bundled with scikit-image,
+    """docs/method.md: `size`x`size` crops at random scales and positions of the photographs bundled with scikit-image,
     label = source photograph, train and test crops from disjoint halves (see photo_crop_boxes). A pure
     function of the seed: no download, no randomness outside it."""
     photos = load_photos()
@@ -460,7 +460,7 @@ class Normalizer:
 
 
 def noise_inputs(n: int, image_size: int, seed: int, device) -> torch.Tensor:
-    """A fixed dataset of N(0, 1) images (already 'normalised'): SPEC §4 --input-noise / Fig. 5."""
+    """A fixed dataset of N(0, 1) images (already 'normalised'): docs/method.md, Data --input-noise / Fig. 5."""
     g = torch.Generator().manual_seed(seed + 104729)
     return torch.randn(n, 3, image_size, image_size, generator=g).to(device)
 

@@ -1,7 +1,7 @@
 """Training-dynamics diagnostics: gradient and Adam step sizes, how much of them Adam's eps damps, BN statistics.
 
 Near alpha = 0 the student's first gradients are round-off sized, far below AdamW's eps (1e-8), and a few steps
-later Adam takes full-size sign steps (SPEC §2, "known dynamics"). These numbers make that visible. They are
+later Adam takes full-size sign steps (docs/method.md). These numbers make that visible. They are
 computed on logging steps only, from the gradients DistillStep recorded and the optimiser's moment estimates.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Loss and probe landscapes on a plane through three networks (SPEC §7; paper §5 and App. D.2).
+"""Loss and probe landscapes on a plane through three networks (paper §5 and App. D.2).
 
 The plane is theta(c) = origin + basis @ c for c = (x, y), over parameters only (buffers stay fixed), built in
 float64. Two coordinate systems:
@@ -202,7 +202,7 @@ class PointEvaluator:
     """Every metric of one parameter vector: CE and KL to the teacher on the train and test subsets, the linear
     and k-NN probes of the embeddings (trained on the train subset, scored on the test subset) and ||theta||.
 
-    BN modes (SPEC §7): `batch` - teacher and student both normalise with batch statistics, so theta_T is exactly
+    BN modes (docs/method.md): `batch` - teacher and student both normalise with batch statistics, so theta_T is exactly
     the global minimum (KL 0); `eval` - both use the teacher's buffers (BN at its initial (0, 1): an affine
     identity); `recompute` - both use statistics recomputed at each point on the train subset (utils.lmc), then
     eval mode, so embeddings do not depend on the batch (closest to how a run probes its student); `distill` -

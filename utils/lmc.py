@@ -1,4 +1,4 @@
-"""Linear mode connectivity (SPEC §6): points on the segment between two networks, BN statistics at each
+"""Linear mode connectivity (paper §6): points on the segment between two networks, BN statistics at each
 point, and the two barrier definitions."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The teacher-student objective (SPEC §2): per-sample soft-target cross-entropy, its KL form, or MSE."""
+"""The teacher-student objective (docs/method.md): per-sample soft-target cross-entropy, its KL form, or MSE."""
 from __future__ import annotations
 
 import torch

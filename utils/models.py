@@ -1,6 +1,6 @@
 """Encoders, the DINO-style head with its L2-bottleneck grammar, and teacher/student construction.
 
-Everything here follows SPEC §1-§2. Initialisation is always driven by an explicit `torch.Generator`, so a
+Everything here follows docs/method.md. Initialisation is always driven by an explicit `torch.Generator`, so a
 network is a pure function of (architecture config, seed) and a teacher can be rebuilt from its seed.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ PAPER_URL = "https://arxiv.org/abs/2302.12091"
 
 # ----------------------------------------------------------------------------------------------- encoders
 def norm_factory(kind: str):
-    """Module constructor `f(num_channels)` for `--norm` (SPEC §1: the Fig. 12 ablation)."""
+    """Module constructor `f(num_channels)` for `--norm` (docs/method.md, Networks: the Fig. 12 ablation)."""
     if kind == "batch":
         return nn.BatchNorm2d
     if kind == "group":
@@ -227,7 +227,7 @@ def init_network(arch: dict, seed: int) -> DistillationNetwork:
 
 
 def freeze(net: nn.Module) -> nn.Module:
-    """Teacher semantics (SPEC §2): no gradients and eval mode; the training loop never calls `.train()` on it,
+    """Teacher semantics (docs/method.md): no gradients and eval mode; the training loop never calls `.train()` on it,
     so its BN keeps the initial running statistics (0, 1) for the whole run."""
     return net.requires_grad_(False).eval()
 
@@ -245,7 +245,7 @@ def interpolate_parameters(teacher: nn.Module, fresh: nn.Module, target: nn.Modu
 
 
 def make_teacher_student(arch: dict, teacher_seed: int, student_seed: int, alpha: float):
-    """Return (frozen teacher, student) with the student at locality alpha from the teacher (SPEC §2)."""
+    """Return (frozen teacher, student) with the student at locality alpha from the teacher (docs/method.md)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     arch = resolve_arch(**arch)  # the student's saved config then names the exact norm and bottleneck

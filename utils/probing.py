@@ -1,4 +1,4 @@
-"""Probing (SPEC §3): eval-mode encoder features, a linear probe and a k-NN probe, on cached features."""
+"""Probing (docs/method.md): eval-mode encoder features, a linear probe and a k-NN probe, on cached features."""
 from __future__ import annotations
 
 import contextlib

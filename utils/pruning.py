@@ -1,4 +1,4 @@
-"""Global magnitude pruning with hand-written masks (SPEC §5): exact counts, masks that only shrink.
+"""Global magnitude pruning with hand-written masks (paper §6): exact counts, masks that only shrink.
 
 A mask set is a dict {parameter name: bool tensor, True = kept}. Masks are applied by zeroing pruned entries
 in place, never by re-parametrisation (torch.nn.utils.prune), so state_dict keys stay plain and a sparse

@@ -1,4 +1,4 @@
-"""The supervised SGD recipe shared by imp.py and lmc.py (SPEC §5, paper App. C.5).
+"""The supervised SGD recipe shared by imp.py and lmc.py (paper App. C.5).
 
 Encoder + fresh linear classifier (the DINO head is dropped); SGD momentum 0.9, lr 0.1 x0.1 at epochs 80 and
 120, 160 epochs, weight decay 1e-4, batch 256, random flip + 4-px padded crop on the device (train only). The

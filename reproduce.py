@@ -100,9 +100,9 @@ def print_costs(spec, pts) -> None:
         print(f"# {method_line(precision)}")
 
 
-def submit_array(args, grid: str, indices: list[int], after: str | None = None) -> list[str]:
+def submit_array(args, grid: str, indices: list[int], after: str | None = None, parsable=False) -> list[str]:
     array = f"0-{indices[-1]}" if indices == list(range(indices[-1] + 1)) else ",".join(map(str, indices))
-    return ["sbatch", "--parsable", f"--array={array}", *([f"--dependency=afterok:{after}"] if after else []),
+    return ["sbatch", *(["--parsable"] if parsable else []), f"--array={array}", *([f"--dependency=afterok:{after}"] if after else []),
             SLURM_SCRIPT, grid, *(["--tiny"] if args.tiny else []), "--runs", args.runs,
             *(["--launcher", args.launcher] if args.launcher else [])]
 
@@ -111,11 +111,12 @@ def slurm(args, spec, pts, source, waiting) -> int:
     """Submit the grid's array; students not finished yet first, as an array this one waits for (afterok)."""
     after = None
     if waiting:
-        first = submit_array(args, spec["students_of"]["grid"], [p.index for p in waiting])
-        print(shell(first))
-        if args.dry_run:
+        first = submit_array(args, spec["students_of"]["grid"], [p.index for p in waiting], parsable=True)
+        if args.dry_run:  # as a shell would run it
+            print(f"STUDENTS_JOB=$({shell(first)})")
             after = "$STUDENTS_JOB"
         else:
+            print(shell(first))
             done = subprocess.run(first, capture_output=True, text=True)
             if done.returncode != 0:
                 print(done.stderr.strip(), file=sys.stderr)
@@ -123,7 +124,7 @@ def slurm(args, spec, pts, source, waiting) -> int:
             after = done.stdout.strip().split(";")[0]  # --parsable: "jobid[;cluster]"
             print(f"submitted the students' array {after}")
     submit = submit_array(args, args.grid, [p.index for p in pts], after)
-    print(shell(submit))
+    print(shell(submit).replace("'--dependency=afterok:$STUDENTS_JOB'", '--dependency=afterok:"$STUDENTS_JOB"'))
     return 0 if args.dry_run else subprocess.call(submit)
 
 

@@ -101,13 +101,16 @@ def print_costs(spec, pts) -> None:
 
 
 def submit_array(args, grid: str, indices: list[int], after: str | None = None, parsable=False) -> list[str]:
+    """sbatch of one grid's array; `after`: a job id whose tasks must all succeed first (else this one is
+    cancelled rather than left pending forever)."""
     array = f"0-{indices[-1]}" if indices == list(range(indices[-1] + 1)) else ",".join(map(str, indices))
-    return ["sbatch", *(["--parsable"] if parsable else []), f"--array={array}", *([f"--dependency=afterok:{after}"] if after else []),
+    wait = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+    return ["sbatch", *(["--parsable"] if parsable else []), f"--array={array}", *wait,
             SLURM_SCRIPT, grid, *(["--tiny"] if args.tiny else []), "--runs", args.runs,
             *(["--launcher", args.launcher] if args.launcher else [])]
 
 
-def slurm(args, spec, pts, source, waiting) -> int:
+def slurm(args, spec, pts, waiting) -> int:
     """Submit the grid's array; students not finished yet first, as an array this one waits for (afterok)."""
     after = None
     if waiting:
@@ -131,7 +134,7 @@ def slurm(args, spec, pts, source, waiting) -> int:
 def run(args, spec, pts) -> int:
     source, waiting = waiting_for(spec, pts, Path(args.runs))
     if args.slurm:
-        return slurm(args, spec, pts, source, waiting)
+        return slurm(args, spec, pts, waiting)
     if waiting and not args.dry_run:
         names = ", ".join(str(p.index) for p in waiting)
         if args.point is not None:  # array tasks run side by side: never train another grid's points here

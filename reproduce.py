@@ -39,7 +39,8 @@ def parse_args(argv=None):
                        epilog=f"Grids: {', '.join(available())}. Exit status: 0 every selected point finished, 1 some "
                               "failed (rerun to retry them), 2 bad input.")
     p.add_argument("verb", choices=("run", "status", "report"))
-    p.add_argument("grid", help="the table or figure (a file name in accelerate_configs/experiments/)")
+    p.add_argument("grid", help="the table or figure (a file name in accelerate_configs/experiments/, or in the "
+                                "folder named by $REPRODUCE_GRID_DIR, without .yaml)")
     p.add_argument("--tiny", action="store_true", help="the grid's small digits version (runs on 2 CPU cores)")
     p.add_argument("--runs", default="runs/reproduce", help="where the grids' run folders live")
     p.add_argument("--point", type=count(0), help="only this point (0-based; a Slurm array task id)")

@@ -127,7 +127,7 @@ def _check_arguments(path: Path, where: str, section: dict, script: str) -> None
 def validate(path: Path, spec) -> dict:
     """Check a grid file's contents against the schema (see the module's docstring); return it unchanged."""
     top = _check_section(path, "", spec, TOP_KEYS)
-    if "report" not in top:
+    if not top.get("report"):
         raise _bad(path, "report", "missing: every grid says how its report aggregates (report: {kind: ...})")
     script = top.get("script", DEFAULT_SCRIPT)
     if script not in REPORT_KINDS:
@@ -184,11 +184,11 @@ def load_grid(name: str, tiny: bool = False) -> dict:
             raise _bad(path, key, f"no grid {spec[key]!r}")
     if tiny:
         small = spec.get("tiny") or {}
-        spec = spec | {"fixed": spec.get("fixed", {}) | small.get("fixed", {}),
-                       "grid": spec.get("grid", {}) | small.get("grid", {}),
+        spec = spec | {"fixed": (spec.get("fixed") or {}) | (small.get("fixed") or {}),
+                       "grid": (spec.get("grid") or {}) | (small.get("grid") or {}),
                        "probe_on": small.get("probe_on", spec.get("probe_on", [])),
-                       "students_of": (spec.get("students_of") or {}) | small.get("students_of", {}),
-                       "report": spec["report"] | small.get("report", {})}
+                       "students_of": (spec.get("students_of") or {}) | (small.get("students_of") or {}),
+                       "report": spec["report"] | (small.get("report") or {})}
         if not spec["students_of"]:
             del spec["students_of"]
         # the full grid's dataset and model do not apply: keep the title's first part, and no paper number is
@@ -211,9 +211,9 @@ def students(spec: dict) -> dict[str, list]:
     source = wanted["grid"]
     if source not in available() or source == spec["name"].removesuffix("-tiny"):
         raise _bad(path, "students_of.grid", f"no distillation grid {source!r} to take students from")
-    source_spec = load_grid(source, spec["is_tiny"])
-    if source_spec.get("script", DEFAULT_SCRIPT) != DEFAULT_SCRIPT:
+    if read_grid(source)[1].get("script", DEFAULT_SCRIPT) != DEFAULT_SCRIPT:  # checked before it is expanded
         raise _bad(path, "students_of.grid", f"{source} is not a grid of train_distill.py runs")
+    source_spec = load_grid(source, spec["is_tiny"])
     select = wanted.get("select") or {}
     chosen = [p for p in points(source_spec) if all(p.args.get(k) == v for k, v in select.items())]
     if "as" not in wanted:

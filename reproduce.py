@@ -136,8 +136,10 @@ def run(args, spec, pts) -> int:
     source, waiting = waiting_for(spec, pts, Path(args.runs))
     if args.slurm:
         return slurm(args, spec, pts, waiting)
+    names = ", ".join(str(p.index) for p in waiting)
+    if waiting and args.dry_run:
+        print(f"# {spec['name']} consumes {source['name']} points {names}, not finished: `run` runs them first")
     if waiting and not args.dry_run:
-        names = ", ".join(str(p.index) for p in waiting)
         if args.point is not None:  # array tasks run side by side: never train another grid's points here
             raise UsageError("--point", f"point {args.point} of {spec['name']} waits for {source['name']} points "
                                         f"{names} (not finished): run `python reproduce.py run "

@@ -10,6 +10,12 @@ Grids live in accelerate_configs/experiments/<name>.yaml. Every point is a train
 stable name: finished points are skipped, interrupted ones resume from their checkpoints, failed ones rerun.
 Each cell is repeated over `--repeat` (3 repetitions, each with its own random teacher, student init, data order
 and probe seed); `report` gives mean ± std and n across them, with the paper's numbers beside them.
+
+Grids of imp.py, lmc.py and landscape.py (Figs. 6, 9, 10, 15-18) consume the students of the distillation grid they
+name (`students_of`). `run` first runs the students that are not finished (only the points it needs), then its
+own points; with `--point` it runs nothing of the other grid and refuses until those students are finished.
+`--slurm` submits the needed unfinished students as an array of their grid and this grid's array with
+`--dependency=afterok` on it. `status` shows a point whose students are not finished as waiting.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from pathlib import Path
 
 from utils.cli import ArgumentParser, UsageError, check_output_dir, count, main_guard
 from utils.costs import method_line, point_cost
-from utils.grids import available, commands, finished, load_grid, points, run_dir, same_arguments, shell
+from utils.grids import (DEFAULT_SCRIPT, available, commands, finished, load_grid, points, run_dir, same_arguments,
+                         shell)
 from utils.results import read_config
 
 ROOT = Path(__file__).resolve().parent  # the scripts it runs live here
@@ -33,7 +40,8 @@ def parse_args(argv=None):
                               "failed (rerun to retry them), 2 bad input, 130/143/138 stopped by Ctrl-C/SIGTERM/"
                               "SIGUSR1 (the running point checkpointed: rerun to resume).")
     p.add_argument("verb", choices=("run", "status", "report"))
-    p.add_argument("grid", help="the table or figure (a file name in accelerate_configs/experiments/)")
+    p.add_argument("grid", help="the table or figure (a file name in accelerate_configs/experiments/, or in the "
+                                "folder named by $REPRODUCE_GRID_DIR, without .yaml)")
     p.add_argument("--tiny", action="store_true", help="the grid's small digits version (runs on 2 CPU cores)")
     p.add_argument("--runs", default="runs/reproduce", help="where the grids' run folders live")
     p.add_argument("--point", type=count(0), help="only this point (0-based; a Slurm array task id)")
@@ -73,8 +81,22 @@ def call_forwarding_signals(cmd: list[str]) -> int:
     return 128 + received[0] if received else status
 
 
+def waiting_for(spec, pts, runs: Path) -> tuple[dict | None, list]:
+    """The distillation grid these points consume and its points they need that are not finished yet."""
+    if "students_of" not in spec:
+        return None, []
+    source = load_grid(spec["students_of"]["grid"], spec["is_tiny"])
+    needed = sorted({i for p in pts for i in p.needs})
+    source_pts = points(source)
+    return source, [source_pts[i] for i in needed if not finished(source_pts[i], run_dir(runs, source, source_pts[i]))]
+
+
 def print_costs(spec, pts) -> None:
     """The grid's derived GPU-hours as a range, the probing share, and how they were derived."""
+    if any(p.script != DEFAULT_SCRIPT for p in pts):  # no FLOP model of IMP / LMC / landscape evaluation yet
+        print(f"# total: {len(pts)} {pts[0].script} points; GPU-hours not derived for {pts[0].script} (only "
+              "train_distill.py points have a cost model); the students they consume are costed by their own grid")
+        return
     costs = [point_cost(p.args, p.probe_on) for p in pts]
     total = sum(costs[1:], costs[0])
     low, high = total.hours()
@@ -89,26 +111,77 @@ def print_costs(spec, pts) -> None:
         print(f"# {method_line(precision)}")
 
 
+def submit_array(args, grid: str, indices: list[int], after: str | None = None, parsable=False) -> list[str]:
+    """sbatch of one grid's array; `after`: a job id whose tasks must all succeed first (else this one is
+    cancelled rather than left pending forever)."""
+    array = f"0-{indices[-1]}" if indices == list(range(indices[-1] + 1)) else ",".join(map(str, indices))
+    wait = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+    return ["sbatch", *(["--parsable"] if parsable else []), f"--array={array}", *wait,
+            SLURM_SCRIPT, grid, *(["--tiny"] if args.tiny else []), "--runs", args.runs,
+            *(["--launcher", args.launcher] if args.launcher else [])]
+
+
+def slurm(args, spec, pts, waiting) -> int:
+    """Submit the grid's array; students not finished yet first, as an array this one waits for (afterok)."""
+    after = None
+    if waiting:
+        first = submit_array(args, spec["students_of"]["grid"], [p.index for p in waiting], parsable=True)
+        if args.dry_run:  # as a shell would run it
+            print(f"STUDENTS_JOB=$({shell(first)})")
+            after = "$STUDENTS_JOB"
+        else:
+            print(shell(first))
+            done = subprocess.run(first, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr.strip(), file=sys.stderr)
+                return done.returncode
+            after = done.stdout.strip().split(";")[0]  # --parsable: "jobid[;cluster]"
+            print(f"submitted the students' array {after}")
+    submit = submit_array(args, args.grid, [p.index for p in pts], after)
+    print(shell(submit).replace("'--dependency=afterok:$STUDENTS_JOB'", '--dependency=afterok:"$STUDENTS_JOB"'))
+    return 0 if args.dry_run else subprocess.call(submit)
+
+
 def run(args, spec, pts) -> int:
+    source, waiting = waiting_for(spec, pts, Path(args.runs))
     if args.slurm:
-        submit = ["sbatch", f"--array=0-{len(pts) - 1}", SLURM_SCRIPT, args.grid, *(["--tiny"] if args.tiny else []),
-                  "--runs", args.runs, *(["--launcher", args.launcher] if args.launcher else [])]
-        print(shell(submit))
-        return 0 if args.dry_run else subprocess.call(submit)
+        return slurm(args, spec, pts, waiting)
+    names = ", ".join(str(p.index) for p in waiting)
+    if waiting and args.dry_run:
+        print(f"# {spec['name']} consumes {source['name']} points {names}, not finished: `run` runs them first")
+    if waiting and not args.dry_run:
+        if args.point is not None:  # array tasks run side by side: never train another grid's points here
+            raise UsageError("--point", f"point {args.point} of {spec['name']} waits for {source['name']} points "
+                                        f"{names} (not finished): run `python reproduce.py run "
+                                        f"{spec['students_of']['grid']}{' --tiny' if args.tiny else ''}` first")
+        print(f"{spec['name']} consumes {source['name']} points {names}, not finished: running them first", flush=True)
+        status = run_points(args, source, waiting)
+        if status != 0:
+            print(f"the students of {spec['name']} did not all finish; its points were not started")
+            return status
+    return run_points(args, spec, pts)
+
+
+def run_points(args, spec, pts) -> int:
     launcher = args.launcher.split() if args.launcher else None
     failed, total = [], len(points(spec))
     for point in pts:
         folder = run_dir(Path(args.runs), spec, point)
         cmds = commands(point, folder if args.dry_run else folder.resolve(), launcher)
         if args.dry_run:
-            low, high = point_cost(point.args, point.probe_on).hours()
-            print(f"# point {point.index}: {point.name} (derived: {low:.2f}-{high:.2f} GPU-h)")
+            if point.script == DEFAULT_SCRIPT:
+                low, high = point_cost(point.args, point.probe_on).hours()
+                print(f"# point {point.index}: {point.name} (derived: {low:.2f}-{high:.2f} GPU-h)")
+            else:
+                print(f"# point {point.index}: {point.name} (cost not derived; needs {spec['students_of']['grid']} "
+                      f"points {', '.join(map(str, point.needs))})")
             print("\n".join(shell(["python", *c[1:]] if c[0] == sys.executable else c) for c in cmds))
             continue
         if finished(point, folder):
             print(f"[{point.index + 1}/{total}] {point.name}: finished, skipped")
             continue
-        if (folder / "summary.json").exists() and not same_arguments(point, read_config(folder) or {}):
+        if point.script == DEFAULT_SCRIPT and (folder / "summary.json").exists() and \
+                not same_arguments(point, read_config(folder) or {}):
             print(f"[{point.index + 1}/{total}] {point.name}: {folder} holds a finished run of other arguments "
                   "(the grid file changed?); delete it to rerun the point")
             failed.append(point.name)
@@ -130,6 +203,21 @@ def run(args, spec, pts) -> int:
     return 1 if failed else 0
 
 
+def status(args, spec, pts) -> int:
+    source, waiting = waiting_for(spec, pts, Path(args.runs))
+    missing = {p.index for p in waiting}
+    done = [p for p in pts if finished(p, run_dir(Path(args.runs), spec, p))]
+    for p in pts:
+        folder = run_dir(Path(args.runs), spec, p)
+        late = [i for i in p.needs if i in missing]
+        state = "finished" if p in done else "waiting" if late else (
+            "interrupted" if (folder / "checkpoints").is_dir() or (folder / "fingerprint.json").exists() else "to do")
+        print(f"{p.index:4d}  {state:11s}  {p.name}" + (f"  (for {source['name']} points {', '.join(map(str, late))})"
+                                                         if late and p not in done else ""))
+    print(f"{len(done)}/{len(pts)} finished")
+    return 0
+
+
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
@@ -144,12 +232,16 @@ def main(argv=None):
     if args.verb == "run":
         return run(args, spec, pts)
     if args.verb == "status":
-        done = [p for p in pts if finished(p, run_dir(Path(args.runs), spec, p))]
-        for p in pts:
-            state = "finished" if p in done else (
-                "interrupted" if (run_dir(Path(args.runs), spec, p) / "checkpoints").is_dir() else "to do")
-            print(f"{p.index:4d}  {state:11s}  {p.name}")
-        print(f"{len(done)}/{len(pts)} finished")
+        return status(args, spec, pts)
+    if spec["report"]["kind"] in ("imp", "lmc", "landscape"):
+        if args.hub:
+            raise UsageError("--hub", f"{spec['name']} is a {pts[0].script} grid: its report reads --runs (the script "
+                                      "pushes its own tables and figure with --push-to-hub)")
+        from utils.aggregate import collect_figures  # pandas + matplotlib: only for reports
+
+        md = collect_figures(spec, pts, Path(args.runs))
+        print(md.read_text())
+        print(f"-> {md.parent}/report.md")
         return 0
     from utils.aggregate import collect, collect_curves, report  # pandas + matplotlib: only for reports
 

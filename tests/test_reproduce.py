@@ -8,12 +8,15 @@ import math
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 import yaml
 
+import landscape
+import lmc
 import probe
 import reproduce
 import train_distill
@@ -23,7 +26,7 @@ from conftest import ROOT
 from utils.aggregate import sweep
 from utils.cli import repetition_seeds
 from utils.costs import network_flop, point_cost
-from utils.grids import available, commands, load_grid, points
+from utils.grids import GRID_DIR_ENV, available, commands, load_grid, points, run_dir
 
 MINI = {"fixed": {"model": "vgg11", "width": 0.25, "hidden_dims": [32], "bottleneck_dim": 8, "out_dim": 64,
                   "batch_size": 64, "epochs": 1, "probe_epochs": 2, "log_every": 0, "probe_every": 0},
@@ -31,7 +34,74 @@ MINI = {"fixed": {"model": "vgg11", "width": 0.25, "hidden_dims": [32], "bottlen
         "report": {"kind": "table", "rows": ["model"], "probe": "linear", "title": "mini"}}
 
 
-@pytest.mark.parametrize("grid", available())
+def load_script(name: str):
+    """imp.py by file: `imp` is also a standard-library module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_test_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PARSERS = {"imp.py": lambda: load_script("imp").parse_args, "lmc.py": lambda: lmc.parse_args,
+           "landscape.py": lambda: landscape.parse_args}
+
+
+@pytest.mark.parametrize("grid", [g for g in available() if "students_of" in load_grid(g)])
+def test_every_consuming_grid_expands_to_commands_its_script_accepts(grid, tmp_path):
+    """imp.py / lmc.py / landscape.py grids: each command parses with the script's own parser, every argument of
+    the grid file arrives, and the students are run folders of the distillation grid it names, under --runs."""
+    for tiny in (False, True):
+        spec = load_grid(grid, tiny)
+        source = load_grid(spec["students_of"]["grid"], tiny)
+        source_pts = points(source)
+        pts = points(spec)
+        assert pts and len({p.name for p in pts}) == len(pts)
+        for p in pts:
+            folder = run_dir(tmp_path, spec, p)
+            (cmd,) = commands(p, folder)
+            assert cmd[1] == p.script and p.script in PARSERS
+            args = PARSERS[p.script]()(cmd[2:])
+            assert args.output_dir == str(folder)
+            for key, value in p.args.items():
+                if key == "resolution":  # N is N x N
+                    value = tuple(value * 2 if len(value) == 1 else value)
+                if key != "points":
+                    assert getattr(args, key) == value, (grid, key)
+            needed = {str(run_dir(tmp_path, source, source_pts[i])) for i in p.needs}
+            if p.script == "landscape.py":
+                refs = [a.rpartition(":") for a in args.points]
+                assert {r[0] for r in refs} == needed and [r[2] for r in refs] == \
+                    [ref.rpartition(":")[2] for ref in p.args["points"]]
+                # the plane's points come from one random teacher (same repetition of the source grid)
+                assert len({source_pts[i].args["repeat"] for i in p.needs}) == 1
+            else:
+                assert set(args.student) == needed and len(args.student) == len(p.needs) >= 2
+            select = spec["students_of"].get("select", {})
+            assert all(source_pts[i].args.get(k) == v for i in p.needs for k, v in select.items())
+        if tiny:  # the tiny version consumes tiny students: digits at a quarter width
+            assert all(source_pts[i].args["dataset"] == "digits" and source_pts[i].args["width"] == 0.25
+                       for p in pts for i in p.needs)
+
+
+def test_paper_figures_6_9_10_and_15_to_18_have_grids():
+    fig9, fig10 = load_grid("fig9"), load_grid("fig10")
+    assert fig9["script"] == "imp.py" and fig9["fixed"]["rewind_epochs"] == [0, 1, 2, 5]
+    assert fig9["fixed"]["prune_fraction"] == 0.2  # §6: "reducing the network by a fraction of 0.2 every round"
+    assert fig10["script"] == "lmc.py" and fig10["fixed"]["copies"] == 5  # "5 different data orderings"
+    assert len(points(fig10)[0].needs) == 3  # "3 checkpoints", each repetition with its own random teacher
+    source = points(load_grid("fig4"))
+    fig6 = points(load_grid("fig6"))
+    alphas = [[source[i].args["alpha"] for i in p.needs] for p in fig6]
+    assert alphas == [[1], [1e-10, 1]]  # left: the alpha = 1 run alone; right: alpha ~ 1e-10 and 1, one teacher
+    fig15 = points(load_grid("fig15"))
+    assert {(p.args["scope"], p.args["zoom"]) for p in fig15} == {("full", 1), ("full", 8), ("encoder", 1),
+                                                                   ("encoder", 8)}
+    assert all(p.args["coords"] == "ortho" for p in fig15)
+
+
+@pytest.mark.parametrize("grid", [g for g in available() if "students_of" not in load_grid(g)])
 def test_every_grid_expands_to_points_train_distill_accepts(grid, tmp_path):
     for tiny in (False, True):
         spec = load_grid(grid, tiny)
@@ -103,7 +173,7 @@ def mini(tmp_path, tiny_dataset, monkeypatch):
     grids.mkdir()
     spec = MINI | {"fixed": MINI["fixed"] | {"dataset": str(tiny_dataset)}}
     (grids / "mini.yaml").write_text(yaml.safe_dump(spec))
-    monkeypatch.setattr(utils.grids, "GRID_DIR", grids)
+    monkeypatch.setenv(GRID_DIR_ENV, str(grids))
     return tmp_path / "runs"
 
 
@@ -252,3 +322,160 @@ def test_grids_that_share_runs_name_points_of_the_grid_they_share(grid):
         spec = load_grid(grid, tiny)
         owner = {p.name: p.args for p in points(load_grid(spec["runs_of"], tiny))}
         assert all(owner.get(p.name) == p.args for p in points(spec)), (grid, tiny)
+
+
+GOOD = {"fixed": {"model": "vgg11", "epochs": 1}, "grid": {"repeat": [0, 1]}, "report": {"kind": "table"}}
+CONSUMER = {"script": "lmc.py", "students_of": {"grid": "good", "select": {"model": "vgg11"}},
+            "fixed": {"copies": 2, "epochs": 1}, "report": {"kind": "lmc"}}
+# (file name, its text, what the one error line must name besides the file)
+BAD_GRIDS = [
+    ("typo_tiny", GOOD | {"tyni": {"fixed": {"epochs": 1}}}, "tyni: unknown key"),
+    ("typo_grid", {"fixed": {"epochs": 1}, "grdi": {"repeat": [0]}, "report": {"kind": "table"}}, "grdi: unknown key"),
+    ("typo_in_tiny", GOOD | {"tiny": {"fixd": {"epochs": 1}}}, "tiny.fixd: unknown key"),
+    ("typo_in_report", GOOD | {"report": {"kind": "table", "titel": "x"}}, "report.titel: unknown key"),
+    ("typo_in_tiny_report", GOOD | {"tiny": {"report": {"prob": "knn"}}}, "tiny.report.prob: unknown key"),
+    ("yaml_error", "fixed: {epochs: 3\ngrid: [\n", "line "),
+    ("no_report", {"fixed": {"epochs": 1}, "grid": {"repeat": [0]}}, "report: missing"),
+    ("no_kind", GOOD | {"report": {"title": "x"}}, "report.kind: missing"),
+    ("not_a_list", GOOD | {"grid": {"repeat": 0}}, "grid.repeat: swept values must be a non-empty list"),
+    ("empty_list", GOOD | {"grid": {"repeat": []}}, "grid.repeat: swept values must be a non-empty list"),
+    ("fixed_not_mapping", GOOD | {"fixed": ["epochs", 1]}, "fixed: must be a mapping"),
+    ("not_a_flag", GOOD | {"fixed": {"epoch": 3}}, "fixed.epoch: not a flag of train_distill.py"),
+    ("not_a_flag_in_tiny", GOOD | {"tiny": {"grid": {"lrr": [1]}}}, "tiny.grid.lrr: not a flag of train_distill.py"),
+    ("reserved", GOOD | {"fixed": {"output_dir": "x"}}, "fixed.output_dir: the run folder is set by reproduce.py"),
+    ("top_not_mapping", "- 1\n- 2\n", ": must be a mapping"),
+    ("bad_script", GOOD | {"script": "foo.py"}, "script: 'foo.py' is not a script"),
+    ("bad_kind", GOOD | {"report": {"kind": "lmc"}}, "report.kind: 'lmc' is not a report of train_distill.py"),
+    ("distill_flag_to_lmc", CONSUMER | {"fixed": {"alpha": 0.1}}, "fixed.alpha: not a flag of lmc.py"),
+    ("typo_students_of", CONSUMER | {"students_of": {"grid": "good", "selct": {}}}, "students_of.selct: unknown"),
+    ("no_students_of", {k: v for k, v in CONSUMER.items() if k != "students_of"}, "students_of: a grid of imp.py"),
+    ("students_of_nothing", CONSUMER | {"students_of": {"grid": "good", "select": {"model": "resnet18"}}},
+     "students_of.select: selects no point"),
+    ("students_of_unknown", CONSUMER | {"students_of": {"grid": "nosuch"}}, "students_of.grid: no distillation grid"),
+    ("report_null", GOOD | {"report": None}, "report: missing"),
+    ("students_of_a_consumer", CONSUMER | {"students_of": {"grid": "students_of_a_consumer"}},
+     "students_of.grid: no distillation grid"),
+    ("student_given", CONSUMER | {"fixed": {"student": ["x"]}}, "fixed.student: students come from `students_of`"),
+    ("landscape_two_runs", {"script": "landscape.py", "students_of": {"grid": "good", "as": {"a": {}}},
+                            "fixed": {"points": ["a:teacher", "a:init", "a:student"]}, "report": {"kind": "landscape"}},
+     "students_of.as.a: selects 2 points"),
+    ("landscape_unknown_name", {"script": "landscape.py", "students_of": {"grid": "good", "as": {"a": {"repeat": 0}}},
+                                "fixed": {"points": ["a:teacher", "b:init", "a:student"]},
+                                "report": {"kind": "landscape"}}, "grid.points:"),
+]
+
+
+@pytest.fixture
+def grid_dir(tmp_path, monkeypatch):
+    """A grid folder of its own (REPRODUCE_GRID_DIR), holding a valid grid `good` the bad ones may consume."""
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    (grids / "good.yaml").write_text(yaml.safe_dump(GOOD))
+    monkeypatch.setenv(GRID_DIR_ENV, str(grids))
+    return grids
+
+
+@pytest.mark.parametrize("i", range(len(BAD_GRIDS)), ids=[b[0] for b in BAD_GRIDS])
+def test_bad_grid_files_are_one_line_naming_file_and_key(i, grid_dir, tmp_path, capsys):
+    name, content, expected = BAD_GRIDS[i]
+    path = grid_dir / f"{name}.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+    runs = tmp_path / "runs"
+    for verb in ("run", "status", "report"):
+        with pytest.raises(SystemExit) as exc:
+            reproduce.main([verb, name, "--runs", str(runs)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: argument grid: {path}: ") and expected in err[0], err[0]
+    with pytest.raises(SystemExit):  # the tiny version is checked too (same file)
+        reproduce.main(["run", name, "--tiny", "--dry-run"])
+    assert not runs.exists()  # nothing created
+
+
+@pytest.mark.parametrize("name", ["../experiments/fig4", "sub/grid", "..", "a\\b", ".hidden"])
+def test_grid_names_with_paths_are_refused(name, grid_dir, tmp_path, capsys):
+    (grid_dir.parent / "experiments").mkdir()
+    (grid_dir.parent / "experiments" / "fig4.yaml").write_text(yaml.safe_dump(GOOD))
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(["run", name, "--runs", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "is not a grid name" in err[0], err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "experiments" / "fig4").exists()
+
+
+class FakeRun:
+    """Popen stand-in: 'runs' a point by writing what marks it finished (train_distill.py: summary.json and the
+    config.json of its arguments; lmc.py: lmc_summary.csv, lmc.png, fingerprint.json)."""
+
+    def __init__(self, cmd, **kwargs):
+        self.cmd = cmd
+        out = Path(cmd[cmd.index("--output-dir") + 1])
+        out.mkdir(parents=True)
+        if cmd[1] == "train_distill.py":
+            args = vars(train_distill.parse_args(cmd[2:]))
+            (out / "config.json").write_text(json.dumps(args, default=str))
+            (out / "summary.json").write_text("{}")
+        else:
+            students = lmc.parse_args(cmd[2:]).student  # finished before it starts
+            assert all((Path(s) / "summary.json").exists() for s in students)
+            (out / "lmc_summary.csv").write_text("start,barrier_linear_mean,pairs\ninit,5.0,2\nstudent,1.0,2\n")
+            (out / "lmc.png").write_bytes(b"png")
+            (out / "fingerprint.json").write_text("{}")
+
+    def wait(self):
+        return 0
+
+
+def test_consuming_grid_waits_for_its_students_then_runs_them_first(grid_dir, tmp_path, capsys, monkeypatch):
+    (grid_dir / "consumer.yaml").write_text(yaml.safe_dump(CONSUMER))
+    runs = tmp_path / "runs"
+    assert reproduce.main(["status", "consumer", "--runs", str(runs)]) == 0
+    assert "waiting      run  (for good points 0, 1)" in capsys.readouterr().out
+
+    # an array task never trains another grid's points: one line saying which grid to run first
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(["run", "consumer", "--point", "0", "--runs", str(runs)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "waits for good points 0, 1" in err[0] and \
+        "reproduce.py run good" in err[0]
+
+    # Slurm: the students' array first, this grid's array after it (afterok)
+    assert reproduce.main(["run", "consumer", "--runs", str(runs), "--slurm", "--dry-run"]) == 0
+    first, second = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert first[:3] == ["STUDENTS_JOB=$(sbatch", "--parsable", "--array=0-1"] and first[4] == "good"
+    assert second[:3] == ["sbatch", "--array=0-0", '--dependency=afterok:"$STUDENTS_JOB"']
+    assert second[3:6] == ["--kill-on-invalid-dep=yes", reproduce.SLURM_SCRIPT, "consumer"]
+    assert not runs.exists()
+
+    # locally: the students first (only those not finished), then the point that consumes them
+    launched = []
+    monkeypatch.setattr(reproduce.subprocess, "Popen", lambda cmd, **kw: launched.append(cmd) or FakeRun(cmd, **kw))
+    assert reproduce.main(["run", "good", "--point", "1", "--runs", str(runs)]) == 0
+    assert reproduce.main(["run", "consumer", "--runs", str(runs)]) == 0
+    scripts = [c[1] for c in launched]
+    assert scripts == ["train_distill.py", "train_distill.py", "lmc.py"]
+    assert "repeat=1" in " ".join(launched[0]) and "repeat=0" in " ".join(launched[1])  # repeat 1 was done
+    student = launched[2][launched[2].index("--student") + 1:launched[2].index("--student") + 3]
+    assert student == [str((runs / "good" / f"repeat-{r}").resolve()) for r in (0, 1)]
+    capsys.readouterr()
+    assert reproduce.main(["run", "consumer", "--runs", str(runs)]) == 0 and len(launched) == 3  # all finished
+    assert reproduce.main(["status", "consumer", "--runs", str(runs)]) == 0
+    assert "1/1 finished" in capsys.readouterr().out
+    # Slurm with the students finished: one array, no dependency
+    assert reproduce.main(["run", "consumer", "--runs", str(runs), "--slurm", "--dry-run"]) == 0
+    assert capsys.readouterr().out.split()[:3] == ["sbatch", "--array=0-0", reproduce.SLURM_SCRIPT]
+
+    # the report gathers the point's figure and summary
+    assert reproduce.main(["report", "consumer", "--runs", str(runs)]) == 0
+    assert (runs / "consumer" / "run.png").read_bytes() == b"png"
+    table = pd.read_csv(runs / "consumer" / "report.csv")
+    assert list(table.barrier_linear_mean) == [5.0, 1.0] and set(table.point) == {"run"}
+    assert "![run](run.png)" in (runs / "consumer" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("grid", ["fig9", "fig10", "fig6", "fig15"])
+def test_dry_run_of_consuming_grids_says_costs_are_not_derived(grid, capsys):
+    for tiny in ([], ["--tiny"]):
+        assert reproduce.main(["run", grid, "--dry-run", *tiny]) == 0
+        out = capsys.readouterr().out
+        assert "cost not derived; needs fig4 points" in out and "GPU-hours not derived" in out

@@ -298,3 +298,51 @@ def collect_curves(spec: dict, pts: list[Point], runs: Path) -> pd.DataFrame:
         if (folder / "summary.json").exists() and same_arguments(point, read_config(folder) or {}):
             frames.append(pd.read_csv(folder / "metrics.csv").assign(point=point.name, **point.swept))
     return pd.concat(frames) if frames else pd.DataFrame(columns=["epoch", "step", "metric", "value", "point"])
+
+
+# imp.py / lmc.py / landscape.py grids: each point's own script already aggregates across its students (Fig. 9:
+# mean ± std over checkpoints; Fig. 10: over checkpoints x orderings) and draws the paper's figure; the report
+# gathers those figures and tables in one place.
+FIGURES = {"imp": ("imp.png", "imp_summary.csv"), "lmc": ("lmc.png", "lmc_summary.csv"),
+           "landscape": ("landscape.png", None)}
+FIGURE_NOTES = {
+    "imp": "imp_summary.csv of each point: test accuracy (%) per start, rewind epoch and round (weights remaining), "
+           "mean ± sample std over every distilled student (`runs`); best = the best evaluated epoch of the round.",
+    "lmc": "lmc_summary.csv of each point: per start, the error (%) at the ends and the maximum along the path and "
+           "the barriers, mean ± sample std over every (student, pair of copies); the figure shows error vs γ.",
+    "landscape": "landscape.png of each point (the plane through its three networks); landscape.csv holds every "
+                 "value drawn."}
+
+
+def collect_figures(spec: dict, pts: list[Point], runs: Path) -> Path:
+    """Copy each finished point's figure to <runs>/<grid>/<point>.png and its summary into report.csv (with a
+    `point` column); write report.md listing them. Raises UsageError when no point is finished."""
+    import shutil
+
+    from utils.cli import UsageError
+    from utils.grids import finished
+
+    kind = spec["report"]["kind"]
+    figure, table_name = FIGURES[kind]
+    done = [(p, run_dir(runs, spec, p)) for p in pts if finished(p, run_dir(runs, spec, p))]
+    if not done:
+        raise UsageError("grid", f"no finished point of {spec['name']} in {runs}; run it first")
+    out = Path(runs) / spec["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    lines, tables = [f"# {spec['report'].get('title', spec['name'])}", ""], []
+    for point, folder in done:
+        shutil.copyfile(folder / figure, out / f"{point.name}.png")
+        lines += [f"## {point.name}", "", f"![{point.name}]({point.name}.png)", "",
+                  f"Run folder: `{folder}` (students: {', '.join(name for name, _ in point.inputs)})", ""]
+        if table_name:
+            table = pd.read_csv(folder / table_name)
+            tables.append(table.assign(point=point.name))
+            lines += [markdown_table(table.set_index(table.columns[0])), ""]
+    if tables:
+        write_table(out / "report.csv", pd.concat(tables))
+    lines.append(f"{len(done)}/{len(pts)} points finished. {FIGURE_NOTES[kind]}")
+    if spec["report"].get("note"):
+        lines.append("\n" + spec["report"]["note"])
+    md = out / "report.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md

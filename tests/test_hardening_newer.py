@@ -213,7 +213,7 @@ def test_a_huge_seed_is_one_line_in_a_real_process_before_torch(tmp_path):
 # --------------------------------------------------------- 2. wrong input files, found once the data is known
 def lmc_args(student, dataset, out, *extra):
     return ["--student", str(student), "--dataset", str(dataset), "--output-dir", str(out), *TINY_RECIPE,
-            "--epochs", "1", "--copies", "2", "--gammas", "3", "--bn-subset", "64", "--starts", "student",
+            "--epochs", "1", "--lr-milestones", "--copies", "2", "--gammas", "3", "--bn-subset", "64", "--starts", "student",
             *map(str, extra)]
 
 
@@ -379,7 +379,7 @@ def test_ctrl_c_during_imp_checkpoints_and_resumes_bit_identically(place, tiny_d
                                                                    monkeypatch):
     def args(out):
         return ["--student", str(place / "student"), "--dataset", str(tiny_dataset), "--output-dir", str(out),
-                *TINY_RECIPE, "--epochs", "1", "--rounds", "1", "--starts", "student"]
+                *TINY_RECIPE, "--epochs", "1", "--lr-milestones", "--rounds", "1", "--starts", "student"]
 
     assert imp_script.main(args(tmp_path / "reference")) == 0
     handler = signal.getsignal(signal.SIGINT)

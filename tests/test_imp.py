@@ -336,7 +336,8 @@ def two_students(reference, other_student, tiny_dataset, tmp_path_factory):
     """Two students x seeds 0 and 1, the student start only, one pruning round."""
     out = tmp_path_factory.mktemp("two") / "run"
     argv = ["--student", str(reference.student), str(other_student), "--dataset", str(tiny_dataset), "--output-dir",
-            str(out), *TINY_RECIPE, "--epochs", "1", "--rounds", "1", "--starts", "student", "--rewind-epochs", "0",
+            str(out), *TINY_RECIPE, "--epochs", "1", "--lr-milestones", "--rounds", "1", "--starts", "student",
+            "--rewind-epochs", "0",
             "--seeds", "0", "1"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RANDOM_TEACHERS_CACHE", str(out.parent / "cache"))
@@ -368,7 +369,7 @@ def test_overwrite_deletes_nothing_before_the_new_run_is_ready_and_then_replaces
     argv, out = two_students
     before = snapshot(out)
     one = imp_args(reference.student, tiny_dataset, out, "--overwrite", "--starts", "student", "--rounds", "1",
-                   "--rewind-epochs", "0", "--epochs", "1")
+                   "--rewind-epochs", "0", "--epochs", "1", "--lr-milestones")
 
     def no_data(*a, **k):
         raise UsageError("--dataset", "unreadable")

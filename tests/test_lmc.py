@@ -137,7 +137,8 @@ def test_lmc_end_to_end_writes_tables_and_figure(tiny_dataset, tmp_path, capsys)
 # ------------------------------------------------------------ default BN, several students, fingerprints
 def lmc_args(students, dataset, out, *extra):
     return ["--student", *map(str, students), "--dataset", str(dataset), "--output-dir", str(out), *TINY_RECIPE,
-            "--epochs", "1", "--starts", "student", "--copies", "3", "--gammas", "3", "--bn-subset", "128", *extra]
+            "--epochs", "1", "--lr-milestones", "--starts", "student", "--copies", "3", "--gammas", "3", "--bn-subset",
+            "128", *extra]
 
 
 def snapshot(folder: Path) -> dict:

@@ -8,7 +8,6 @@ checkpoint back and skips (with a warning) any whose checksums or load fail.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,18 +18,12 @@ from pathlib import Path
 import torch
 
 from utils.cli import write_failure
+from utils.fingerprint import file_hash
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 RUN_STATE = "run_state.pt"
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -55,7 +48,7 @@ def save_checkpoint(accelerator, folder: Path, step: int, run_state: dict, keep:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             torch.save(run_state, tmp / RUN_STATE)
-            manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            manifest = {p.name: file_hash(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     except Exception as err:  # disk full mid-save: drop the partial copy, keep the older checkpoints, say where
         failure = write_failure(err, folder)
@@ -89,7 +82,7 @@ def verify_checkpoint(path: Path) -> str | None:
         file = path / name
         if not file.exists():
             return f"{name} is missing"
-        if _sha256(file) != digest:
+        if file_hash(file) != digest:
             return f"{name} does not match its checksum (truncated or corrupt)"
     return None
 

@@ -46,6 +46,7 @@ def weights_hash(net) -> str:
 
 
 def file_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes (fingerprints of --checkpoint files; checkpoint manifests)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

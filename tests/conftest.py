@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 # A small head and short schedule: the real code paths at a size that runs in seconds on 2 CPU cores.
-TINY_NET = ["--model", "vgg11", "--hidden-dims", "32", "--bottleneck-dim", "8", "--out-dim", "64"]
+TINY_NET = ["--model", "vgg11", "--width", "0.25", "--hidden-dims", "32", "--bottleneck-dim", "8", "--out-dim", "64"]
 TINY_RUN = TINY_NET + ["--batch-size", "64", "--epochs", "2", "--probe-epochs", "2", "--log-every", "2"]
 
 

@@ -182,8 +182,8 @@ def test_run_folder_contents(default_run):
     # the saved student has exactly the architecture's tensors, and its config rebuilds it
     weights = student_weights(out)
     student_cfg = json.loads((out / "student" / "config.json").read_text())
-    arch = {k: student_cfg[k] for k in ("model", "norm", "image_size", "hidden_dims", "bottleneck_dim", "out_dim",
-                                        "bottleneck")}
+    arch = {k: student_cfg[k] for k in ("model", "width", "norm", "image_size", "hidden_dims", "bottleneck_dim",
+                                        "out_dim", "bottleneck")}
     ref = init_network(arch, 0).state_dict()
     assert weights.keys() == ref.keys()
     assert all(weights[k].shape == ref[k].shape for k in ref)

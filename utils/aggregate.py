@@ -196,8 +196,8 @@ def report(spec: dict, df: pd.DataFrame, out: Path, curves: pd.DataFrame | None 
         notes.append(f"paper columns: the paper's {cfg.get('paper_source', 'numbers')}, produced by the official "
                      f"code ({PAPER_SETTING}).")
     elif cfg.get("paper_source"):
-        notes.append(f"No paper number applies to these cells (the paper's {cfg['paper_source']} are for other "
-                     "data or settings).")
+        notes.append(f"No paper number applies to these cells: the paper's numbers ({cfg['paper_source']}) are for "
+                     "other data or settings.")
     if cfg.get("note"):
         notes.append(cfg["note"])
     n_points = len(df.point.unique()) if len(df) else 0

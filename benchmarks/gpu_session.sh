@@ -19,7 +19,7 @@
 #   --out-dim 64 --batch-size 64" BENCH="--allow-cpu --steps 1 --repeats 1 --warmup 1 --batch-size 8" \
 #   LANDSCAPE="--resolution 3 --train-images 64 --test-images 32" bash benchmarks/gpu_session.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out=${OUT:-runs/gpu-session}
 runs=${RUNS:-runs/gpu}
 epochs=${EPOCHS:-500}
@@ -63,5 +63,7 @@ fi
 "$py" benchmarks/bench_gpu.py --models resnet18 vgg11 "${bench[@]}" > "$out/bench_gpu.txt" 2>&1
 echo "total: $(( $(date +%s) - start )) s" >> "$out/session.txt"
 tail -n 3 "$runs"/*.log >> "$out/session.txt" 2>/dev/null
-tar czf "$out/gpu_session.tar.gz" "$runs"/*.log $(ls "$runs"/*/{metrics.csv,summary.json,config.json,probe_table.csv,probe_accuracy.png,landscape.csv,landscape.json,landscape.png} 2>/dev/null)
+shopt -s nullglob
+results=("$runs"/*.log "$runs"/*/{metrics.csv,summary.json,config.json,probe_table.csv,probe_accuracy.png,landscape.csv,landscape.json,landscape.png})
+tar czf "$out/gpu_session.tar.gz" "${results[@]}"
 cat "$out/session.txt" "$out/bench_gpu.txt"

@@ -269,8 +269,11 @@ def test_slurm_array_task_id_maps_to_the_same_point_as_dry_run(mini, capsys):
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
-def test_slurm_scripts_are_shellcheck_clean():
-    for script in (ROOT / "accelerate_configs" / "slurm").glob("*.sbatch"):
+def test_shell_scripts_are_shellcheck_clean():
+    scripts = [ROOT / ".ci" / "run", *ROOT.glob("accelerate_configs/slurm/*.sbatch"),
+               *ROOT.glob("accelerate_configs/slurm/*.sh"), *ROOT.glob("tools/**/*.sh"), *ROOT.glob("benchmarks/*.sh")]
+    assert len(scripts) >= 12
+    for script in scripts:
         done = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
         assert done.returncode == 0, done.stdout
 

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from utils.choices import BOTTLENECK_PRESETS  # noqa: E402
@@ -257,6 +258,10 @@ def sweep(ax, cfg: dict, own: pd.DataFrame, paper: dict) -> tuple[pd.DataFrame, 
         ax.set_xlim(-0.5, len(order) - 0.5)
     if cfg.get("logx") and numeric:
         ax.set_xscale("symlog", linthresh=cfg.get("linthresh", 1e-10)) if cfg.get("symlog") else ax.set_xscale("log")
+        # ticks at the swept values only: a log axis would label its minor ticks too, on top of each other
+        swept = sorted(set(table.index.get_level_values(x)))
+        ax.set_xticks(swept, [f"{v:g}" for v in swept], fontsize=8)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel(cfg.get("xlabel", x))
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return table, keys

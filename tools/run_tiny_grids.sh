@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every grid's --tiny version, end to end on this machine, then its report, copied into docs/tiny/<grid>/ (the
-# report.md, report.csv and figure that docs/tiny_grids.md shows). Resumable: rerun it and finished points are
+# report.md, report.csv and figures that docs/tiny_grids.md shows). Resumable: rerun it and finished points are
 # skipped. About 2 h on 2 CPU cores.
 #   bash tools/run_tiny_grids.sh                  # run folders in runs/reproduce
 #   bash tools/run_tiny_grids.sh /scratch/runs    # elsewhere
@@ -18,5 +18,6 @@ for grid in "${grids[@]}"; do
   python reproduce.py run "$grid" --tiny --runs "$runs"
   python reproduce.py report "$grid" --tiny --runs "$runs"
   mkdir -p "docs/tiny/$grid"
-  cp "$runs/$grid-tiny"/report.* "docs/tiny/$grid/"
+  # the report and its figures (consuming grids draw one figure per point, named after it, beside report.md)
+  find "$runs/$grid-tiny" -maxdepth 1 -type f -exec cp {} "docs/tiny/$grid/" \;
 done

@@ -338,7 +338,8 @@ def collect_figures(spec: dict, pts: list[Point], runs: Path) -> Path:
     for point, folder in done:
         shutil.copyfile(folder / figure, out / f"{point.name}.png")
         lines += [f"## {point.name}", "", f"![{point.name}]({point.name}.png)", "",
-                  f"Run folder: `{folder}` (students: {', '.join(name for name, _ in point.inputs)})", ""]
+                  f"Run folder: `{folder.relative_to(runs)}` under `--runs` (students: "
+                  f"{', '.join(name for name, _ in point.inputs)})", ""]
         if table_name:
             table = pd.read_csv(folder / table_name)
             tables.append(table.assign(point=point.name))

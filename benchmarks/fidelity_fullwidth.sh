@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Full width on 2 CPU cores (docs/fidelity.md, "Full width on a CPU"): the paper's networks (--width 1: ResNet18,
+# and VGG11 without batch norm) with the paper's method in fp32 at batch 64 (the paper's learning rate), 26 epochs
+# = 2,054 steps each on the built-in photos and digits, probed every 2 epochs with raw and standardised features,
+# a checkpoint every epoch. One run after another, VGG11 first (whether it recovers from its early collapse is the
+# open question); a rerun skips finished runs and resumes an interrupted one from its checkpoint, so the queue
+# spans interrupted sessions. Then: python benchmarks/fidelity_report.py --runs RUNS --prefix fullwidth
+#   bash benchmarks/fidelity_fullwidth.sh [RUNS]      # default RUNS: runs/fullwidth
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-runs/fullwidth}
+for spec in photos:vgg11 digits:vgg11 photos:resnet18 digits:resnet18; do
+  dataset=${spec%%:*}
+  model=${spec##*:}
+  echo "== $(date -u +%H:%M:%S) $dataset $model"
+  python train_distill.py --dataset "$dataset" --model "$model" --batch-size 64 --epochs 26 --probe-every 2 \
+    --probe-standardized --checkpoint-every 1 --output-dir "$runs/$model-$dataset"
+done

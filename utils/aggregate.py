@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +20,8 @@ import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from utils.choices import BOTTLENECK_PRESETS  # noqa: E402
-from utils.grids import Point, run_dir, same_arguments  # noqa: E402
+from utils.cli import UsageError  # noqa: E402
+from utils.grids import Point, finished, run_dir, same_arguments  # noqa: E402
 from utils.results import markdown_table, read_config, write_table  # noqa: E402
 
 SUBJECTS = ("teacher", "student", "input")
@@ -322,14 +324,10 @@ FIGURE_NOTES = {
 def collect_figures(spec: dict, pts: list[Point], runs: Path) -> Path:
     """Copy each finished point's figure to <runs>/<grid>/<point>.png and its summary into report.csv (with a
     `point` column); write report.md listing them. Raises UsageError when no point is finished."""
-    import shutil
-
-    from utils.cli import UsageError
-    from utils.grids import finished
-
     kind = spec["report"]["kind"]
     figure, table_name = FIGURES[kind]
-    done = [(p, run_dir(runs, spec, p)) for p in pts if finished(p, run_dir(runs, spec, p))]
+    folders = [(p, run_dir(runs, spec, p)) for p in pts]
+    done = [(p, folder) for p, folder in folders if finished(p, folder)]
     if not done:
         raise UsageError("grid", f"no finished point of {spec['name']} in {runs}; run it first")
     out = Path(runs) / spec["name"]

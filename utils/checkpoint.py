@@ -25,7 +25,6 @@ MANIFEST = "manifest.json"
 RUN_STATE = "run_state.pt"
 
 
-
 def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints (renamed into place), newest first."""
     if not folder.is_dir():

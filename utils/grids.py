@@ -179,9 +179,8 @@ def read_grid(name: str) -> tuple[Path, dict]:
 
 def load_grid(name: str, tiny: bool = False) -> dict:
     path, spec = read_grid(name)
-    for key in ("runs_of",):
-        if key in spec and spec[key] not in available():
-            raise _bad(path, key, f"no grid {spec[key]!r}")
+    if "runs_of" in spec and spec["runs_of"] not in available():
+        raise _bad(path, "runs_of", f"no grid {spec['runs_of']!r}")
     if tiny:
         small = spec.get("tiny") or {}
         spec = spec | {"fixed": (spec.get("fixed") or {}) | (small.get("fixed") or {}),
@@ -229,6 +228,12 @@ def students(spec: dict) -> dict[str, list]:
     return named
 
 
+def _student_ref(ref) -> tuple[str, str]:
+    """A landscape point `name:selector` as (name, ":selector"), or (name, "") without a selector."""
+    name, colon, selector = str(ref).rpartition(":")
+    return (name, colon + selector) if colon else (selector, "")
+
+
 def _text(value) -> str:
     return f"{value:g}" if isinstance(value, float) else "+".join(map(str, value)) if isinstance(value, list) \
         else str(value)
@@ -249,7 +254,7 @@ def points(spec: dict) -> list[Point]:
         args = (spec.get("fixed") or {}) | swept
         used = list(named)
         if script == "landscape.py":  # `name:selector` of the three points; selector as landscape.py's
-            used = [str(ref).rpartition(":")[0] or str(ref) for ref in args.get("points", [])]
+            used = [_student_ref(ref)[0] for ref in args.get("points", [])]
             unknown = [u for u in used if u not in named]
             if unknown or len(used) != 3:
                 raise _bad(spec["path"], "grid.points", f"{args.get('points')!r}: three name:selector entries of "
@@ -290,8 +295,7 @@ def commands(point: Point, folder: Path, launcher: list[str] | None = None) -> l
     where = {name: str(runs / relative) for name, relative in point.inputs}
     args = dict(point.args)
     if point.script == "landscape.py":
-        args["points"] = [where[ref.rpartition(":")[0] or ref] + (":" + ref.rpartition(":")[2] if ":" in ref else "")
-                          for ref in args["points"]]
+        args["points"] = [where[name] + selector for name, selector in map(_student_ref, args["points"])]
     elif where:
         args = {"student": list(where.values())} | args
     cmds = [[*launch, point.script, *as_flags(args), "--output-dir", str(folder)]]

@@ -5,11 +5,14 @@
 # a checkpoint every epoch. One run after another, VGG11 first (whether it recovers from its early collapse is the
 # open question); a rerun skips finished runs and resumes an interrupted one from its checkpoint, so the queue
 # spans interrupted sessions. Then: python benchmarks/fidelity_report.py --runs RUNS --prefix fullwidth
-#   bash benchmarks/fidelity_fullwidth.sh [RUNS]      # default RUNS: runs/fullwidth
+#   bash benchmarks/fidelity_fullwidth.sh [RUNS [DATASET:MODEL ...]]   # default RUNS: runs/fullwidth, all four
+# Naming runs lets two or three queues share the cores, e.g. one per run with OMP_NUM_THREADS=1 each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs/fullwidth}
-for spec in photos:vgg11 digits:vgg11 photos:resnet18 digits:resnet18; do
+specs=("${@:2}")
+[ ${#specs[@]} -gt 0 ] || specs=(photos:vgg11 digits:vgg11 photos:resnet18 digits:resnet18)
+for spec in "${specs[@]}"; do
   dataset=${spec%%:*}
   model=${spec##*:}
   echo "== $(date -u +%H:%M:%S) $dataset $model"

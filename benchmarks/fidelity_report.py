@@ -89,7 +89,11 @@ def plot_probes(runs: list[dict], path: Path) -> None:
         ax.set(title=f"{cfg['model']} on {cfg['dataset']} (width {cfg.get('width', 1):g}, batch {cfg['batch_size']})",
                xlabel="step", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    for ax in axes.flat:
+        if not ax.has_data():  # a model x dataset pair with no run in the folder: say so rather than draw empty axes
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, "no run in this folder", ha="center", va="center", transform=ax.transAxes)
+    next(ax for ax in axes.flat if ax.has_data()).legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -154,7 +154,9 @@ def wait_ended(job: str, timeout: float = 420) -> list[dict]:
 
 
 def text(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
+    """A job's log. Slurm sends stdout (probe lines) and stderr (tqdm's bar) into one file, so a line can land
+    inside a bar's multi-byte block character: decode what is broken as U+FFFD instead of failing on it."""
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@
 # = 2,054 steps each on the built-in photos and digits, probed every 2 epochs with raw and standardised features,
 # a checkpoint every epoch. One run after another, VGG11 first (whether it recovers from its early collapse is the
 # open question); a rerun skips finished runs and resumes an interrupted one from its checkpoint, so the queue
-# spans interrupted sessions. Then: python benchmarks/fidelity_report.py --runs RUNS --prefix fullwidth
+# survives interruptions (rerun into the same RUNS). Then: python benchmarks/fidelity_report.py --runs RUNS --prefix fullwidth
 #   bash benchmarks/fidelity_fullwidth.sh [RUNS [DATASET:MODEL ...]]   # default RUNS: runs/fullwidth, all four
 # Naming runs lets two or three queues share the cores, e.g. one per run with OMP_NUM_THREADS=1 each.
 set -euo pipefail

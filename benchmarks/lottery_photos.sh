@@ -3,7 +3,7 @@
 # ResNet18 students at quarter width (--repeat 0 and 1: each with its own random teacher, 632 AdamW steps),
 # then the supervised recipe of imp.py / lmc.py with every round shortened to E epochs, where E is where the
 # dense network plateaus. Run the stages in order; each is resumable (a rerun skips what finished and continues
-# what was interrupted), so the whole study spans interrupted sessions. The two students, and Fig. 9's two arms,
+# what was interrupted), so the study survives interruptions. The two students, and Fig. 9's two arms,
 # are independent runs: they go side by side, each with half the cores (OMP_NUM_THREADS overrides), each
 # logging to a .log file beside its folder.
 #   bash benchmarks/lottery_photos.sh RUNS students        # the two students
@@ -17,12 +17,25 @@ cd "$(dirname "$0")/.."
 runs=${1:?usage: lottery_photos.sh RUNS students|plateau [E ...]|fig10 E|fig9 E}
 stage=${2:?name a stage: students, plateau, fig10 or fig9}
 epochs=${3:-}
+case $stage in
+  students|plateau|fig9|fig10) ;;
+  *) echo "lottery_photos.sh: unknown stage '$stage' (students, plateau, fig10 or fig9)" >&2; exit 2 ;;
+esac
+if [[ $stage == fig9 || $stage == fig10 ]] && ! [[ $epochs =~ ^[1-9][0-9]*$ ]]; then
+  echo "lottery_photos.sh: $stage needs E, the epochs of every round or copy (a positive integer), got '$epochs'" >&2
+  exit 2
+fi
 students=("$runs/student-r0" "$runs/student-r1")
 mkdir -p "$runs"
 half=${OMP_NUM_THREADS:-$(( $(nproc) > 1 ? $(nproc) / 2 : 1 ))}
 pids=()
-finish() {  # wait for the side-by-side runs; the stage fails if one of them did
-  for pid in "${pids[@]}"; do wait "$pid"; done
+logs=()
+finish() {  # wait for the side-by-side runs; the stage fails, with the failing run's last line, if one of them did
+  local i
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { echo "failed: $(tail -n 1 "${logs[$i]}") (log: ${logs[$i]})" >&2
+                            kill "${pids[@]}" 2>/dev/null; exit 1; }  # the other run checkpoints on SIGTERM
+  done
 }
 case $stage in
   students)
@@ -31,7 +44,7 @@ case $stage in
       OMP_NUM_THREADS=$half python train_distill.py --dataset photos --model resnet18 --width 0.25 --batch-size 64 \
         --epochs 8 --alpha 0 --repeat "$r" --probe-every 4 --probe-standardized --checkpoint-every 1 \
         --output-dir "${students[$r]}" > "${students[$r]}.log" 2>&1 &
-      pids+=($!)
+      pids+=($!) logs+=("${students[$r]}.log")
     done
     finish ;;
   plateau)
@@ -42,15 +55,14 @@ case $stage in
     done ;;
   fig9)  # each start has its own subfolder, so the two arms share the output folder (as imp_array.sbatch's jobs do)
     for start in student init; do
-      echo "arm $start, l = 0: log $runs/imp-e${epochs:?fig9 needs E}-$start.log"
+      echo "arm $start, l = 0: log $runs/imp-e$epochs-$start.log"
       OMP_NUM_THREADS=$half python imp.py --student "${students[0]}" --starts "$start" --rewind-epochs 0 --rounds 8 \
         --epochs "$epochs" --output-dir "$runs/imp-e$epochs" > "$runs/imp-e$epochs-$start.log" 2>&1 &
-      pids+=($!)
+      pids+=($!) logs+=("$runs/imp-e$epochs-$start.log")
     done
     finish
     python imp.py --report-only --output-dir "$runs/imp-e$epochs" ;;
   fig10)
-    python lmc.py --student "${students[@]}" --copies 3 --epochs "${epochs:?fig10 needs E}" \
+    python lmc.py --student "${students[@]}" --copies 3 --epochs "$epochs" \
       --output-dir "$runs/lmc-e$epochs" ;;
-  *) echo "lottery_photos.sh: unknown stage '$stage' (students, plateau, fig10 or fig9)" >&2; exit 2 ;;
 esac

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -120,6 +121,8 @@ def train_copies(trainer, state: dict, args, folder: Path, preempt) -> list[dict
     for data_seed in range(args.data_seed, args.data_seed + args.copies):
         copy_dir = folder / f"copy-{data_seed}"
         if not (copy_dir / "result.json").exists():
+            for stale in [*folder.glob(f"pair-{data_seed}-*.json"), *folder.glob(f"pair-*-{data_seed}.json")]:
+                stale.unlink(missing_ok=True)  # made with an earlier version of this copy
             trainer.load_state(state)  # momentum too when the start is a checkpoint that carries it
             result = trainer.train(copy_dir, data_seed, state.get("epoch", 0), preempt,
                                    f"{folder.name} copy {data_seed}")
@@ -139,18 +142,35 @@ def pairs_asked(args) -> set:
     return {(start, i, j) for start in args.starts for i, j in itertools.combinations(seeds, 2)}
 
 
-def interpolate_pairs(trainer, finals: dict, args, bn_images, student: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Test error along the segment of every pair of copies of each start: (curves, one row per pair)."""
+def pair_file(folder: Path, i: int, j: int) -> Path:
+    return folder / f"pair-{i}-{j}.json"
+
+
+def interpolate_pairs(trainer, finals: dict, args, bn_images, folder: Path,
+                      preempt) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Test error along the segment of every pair of copies of each start: (curves, one row per pair), or None if
+    a signal came. Each finished pair is kept in <start>/pair-i-j.json (the folder's fingerprint fixes the points
+    and the BN settings), so an interrupted run, or one that adds a start, evaluates only the missing pairs."""
+    accelerator, student = trainer.accelerator, folder.name
     gammas = torch.linspace(0, 1, args.gammas, dtype=torch.float64).tolist()
     probe = copy.deepcopy(trainer.raw)
     curve_rows, pair_rows = [], []
     seeds = list(range(args.data_seed, args.data_seed + args.copies))
     for start, states in finals.items():
         for (i, a), (j, b) in itertools.combinations(zip(seeds, states), 2):
-            points = tqdm(gammas, desc=f"{student} {start} pair {i}-{j}", leave=False,
-                          disable=not trainer.accelerator.is_main_process)
-            errors = error_along_path(probe, a, b, points, trainer.evaluate, args.bn, bn_images, trainer.normalize,
-                                      args.bn_batch_size)
+            if preempt.received:
+                return None
+            done = pair_file(folder / start, i, j)
+            if done.exists():
+                errors = json.loads(done.read_text())["errors"]
+            else:
+                points = tqdm(gammas, desc=f"{student} {start} pair {i}-{j}", leave=False,
+                              disable=not accelerator.is_main_process)
+                errors = error_along_path(probe, a, b, points, trainer.evaluate, args.bn, bn_images,
+                                          trainer.normalize, args.bn_batch_size)
+                if accelerator.is_main_process:
+                    write_json(done, {"gammas": gammas, "errors": errors})
+                accelerator.wait_for_everyone()  # every rank sees the same finished pairs
             curve_rows += [{"student": student, "start": start, "copy_i": i, "copy_j": j, "gamma": g, "error": e}
                            for g, e in zip(gammas, errors)]
             pair_rows.append({"student": student, "start": start, "copy_i": i, "copy_j": j, "error_i": errors[0],
@@ -265,7 +285,10 @@ def main(argv=None):
                                              folder / start, preempt)
                 if finals[start] is None:
                     return preempt.exit_status()
-            curves, table = interpolate_pairs(trainer, finals, args, bn_images, student.folder)
+            pairs = interpolate_pairs(trainer, finals, args, bn_images, folder, preempt)
+            if pairs is None:
+                return preempt.exit_status()
+            curves, table = pairs
             if accelerator.is_main_process:
                 write_report(folder, curves, table, {**fingerprint.read(out), "students": [
                     {"config": student.net.config()}]})

@@ -3,9 +3,9 @@
 # ResNet18 students at quarter width (--repeat 0 and 1: each with its own random teacher, 632 AdamW steps),
 # then the supervised recipe of imp.py / lmc.py with every round shortened to E epochs, where E is where the
 # dense network plateaus. Run the stages in order; each is resumable (a rerun skips what finished and continues
-# what was interrupted), so the study survives interruptions. The two students, and Fig. 9's two arms,
-# are independent runs: they go side by side, each with half the cores (OMP_NUM_THREADS overrides), each
-# logging to a .log file beside its folder.
+# what was interrupted), so the study survives interruptions. The two students, Fig. 9's two arms and
+# Fig. 10's two starts are independent runs: they go side by side, each with half the cores (OMP_NUM_THREADS
+# overrides), each logging to a .log file beside its folder.
 #   bash benchmarks/lottery_photos.sh RUNS students        # the two students
 #   bash benchmarks/lottery_photos.sh RUNS plateau [E ...]  # dense round 0 from θ_S at E epochs (default 10 20 40);
 #                                                           # E = the first whose doubling gains < 1 point
@@ -62,7 +62,14 @@ case $stage in
     done
     finish
     python imp.py --report-only --output-dir "$runs/imp-e$epochs" ;;
-  fig10)
-    python lmc.py --student "${students[@]}" --copies 3 --epochs "$epochs" \
-      --output-dir "$runs/lmc-e$epochs" ;;
+  fig10)  # the two starts side by side into the one folder (each start's copies have their own subfolders), then
+          # one pass over both starts: it finds every copy finished and interpolates all the pairs into the tables
+    for start in student init; do
+      echo "start $start: log $runs/lmc-e$epochs-$start.log"
+      OMP_NUM_THREADS=$half python lmc.py --student "${students[@]}" --starts "$start" --copies 3 --epochs "$epochs" \
+        --output-dir "$runs/lmc-e$epochs" > "$runs/lmc-e$epochs-$start.log" 2>&1 &
+      pids+=($!) logs+=("$runs/lmc-e$epochs-$start.log")
+    done
+    finish
+    python lmc.py --student "${students[@]}" --copies 3 --epochs "$epochs" --output-dir "$runs/lmc-e$epochs" ;;
 esac

@@ -2,7 +2,9 @@
 definitions, BN statistics recomputed exactly, copies that differ only through their data seed, and the script."""
 import copy
 import json
+import os
 import shutil
+import signal
 import statistics
 from pathlib import Path
 
@@ -232,6 +234,33 @@ def test_the_same_command_twice_trains_and_interpolates_nothing(two_students, ti
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(["configs", *(f.name for f in folders)])
     assert all(snapshot(f) == before[f] for f in folders)
     pd.testing.assert_frame_equal(pd.read_csv(out / "lmc_summary.csv"), summary)
+
+
+def test_interrupted_pairs_resume_and_a_new_start_evaluates_only_its_own_pairs(tiny_dataset, tmp_path, monkeypatch):
+    student = save_tiny_student(tmp_path / "student")
+    real, calls = lmc.error_along_path, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        errors = real(*args, **kwargs)
+        if signal_after_first and len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as Slurm's pre-emption, in the middle of the pairs
+        return errors
+
+    monkeypatch.setattr(lmc, "error_along_path", counted)
+    signal_after_first = True
+    out = tmp_path / "run"
+    assert lmc.main(lmc_args([student], tiny_dataset, out)) == 128 + signal.SIGTERM
+    (folder,) = [p for p in out.iterdir() if p.name.startswith("student-")]
+    assert sorted(p.name for p in (folder / "student").glob("pair-*")) == ["pair-0-1.json"]
+    assert not (folder / "lmc_table.csv").exists()
+    signal_after_first, calls[:] = False, []
+    assert lmc.main(lmc_args([student], tiny_dataset, out, "--starts", "student", "init")) == 0
+    assert len(calls) == 2 + 3  # the student's two missing pairs, then the new start's three
+    whole = tmp_path / "whole"  # the same in one go
+    assert lmc.main(lmc_args([student], tiny_dataset, whole, "--starts", "student", "init")) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "lmc_table.csv"), pd.read_csv(whole / "lmc_table.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "lmc_curves.csv"), pd.read_csv(whole / "lmc_curves.csv"))
 
 
 @pytest.mark.parametrize("extra,flag", [(["--copies", "1"], "--copies"), (["--gammas", "1"], "--gammas"),

@@ -142,10 +142,6 @@ def pairs_asked(args) -> set:
     return {(start, i, j) for start in args.starts for i, j in itertools.combinations(seeds, 2)}
 
 
-def pair_file(folder: Path, i: int, j: int) -> Path:
-    return folder / f"pair-{i}-{j}.json"
-
-
 def interpolate_pairs(trainer, finals: dict, args, bn_images, folder: Path,
                       preempt) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """Test error along the segment of every pair of copies of each start: (curves, one row per pair), or None if
@@ -160,7 +156,7 @@ def interpolate_pairs(trainer, finals: dict, args, bn_images, folder: Path,
         for (i, a), (j, b) in itertools.combinations(zip(seeds, states), 2):
             if preempt.received:
                 return None
-            done = pair_file(folder / start, i, j)
+            done = folder / start / f"pair-{i}-{j}.json"
             if done.exists():
                 errors = json.loads(done.read_text())["errors"]
             else:

@@ -32,8 +32,9 @@ pids=()
 logs=()
 finish() {  # wait for the side-by-side runs; the stage fails, with the failing run's last line, if one of them did
   local i
-  for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || { echo "failed: $(tail -n 1 "${logs[$i]}") (log: ${logs[$i]})" >&2
+  for i in "${!pids[@]}"; do  # the last line that is not a progress bar's redraw (tqdm ends those with \r)
+    wait "${pids[$i]}" || { echo "failed: $(tr '\r' '\n' < "${logs[$i]}" | grep -v '^ *$' | tail -n 1)" \
+                                 "(log: ${logs[$i]})" >&2
                             kill "${pids[@]}" 2>/dev/null; exit 1; }  # the other run checkpoints on SIGTERM
   done
 }

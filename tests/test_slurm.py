@@ -4,7 +4,7 @@ n2) on this machine, started by `sudo tools/slurm/up.sh` (stopped by tools/slurm
 Every job the tests submit is a real sbatch of the project's scripts, with the tiniest settings. A small
 sitecustomize (HOOK) steers the runs from the outside: it holds a run after a given step until a signal arrives
 (so a signal always lands mid-training), records which node each process ran on, and points reproduce.py at a
-test grid. Slurm keeps a requeued job pending for about two minutes (BeginTime); the tests release it at once."""
+test grid. Slurm keeps a requeued job pending for about two minutes (BeginTime); the tests release it after 5 s."""
 import json
 import os
 import re
@@ -108,10 +108,14 @@ def jobs(job: str) -> list[dict]:
 
 
 def release_requeued():
-    """Slurm holds a requeued job for ~2 minutes (BeginTime): start the tests' jobs again at once."""
+    """Slurm holds a requeued job for ~2 minutes (BeginTime): start the tests' jobs again after 5 s instead. Not at
+    once: the requeue revokes the job's credential, and Slurm refuses (FAILED, "Job credential revoked") a start
+    whose new credential is dated in the same second as the revocation (whole seconds); SubmitTime is the requeue's."""
     for job in list(SUBMITTED):
         for info in jobs(job):
-            if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            if info.get("JobState") != "PENDING" or info.get("Reason") != "BeginTime":
+                continue
+            if time.time() - time.mktime(time.strptime(info["SubmitTime"], "%Y-%m-%dT%H:%M:%S")) >= 5:
                 subprocess.run(["scontrol", "update", f"JobId={info['JobId']}", "StartTime=now"],
                                capture_output=True)
 

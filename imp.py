@@ -252,7 +252,7 @@ def title_of(made: dict, table: pd.DataFrame) -> str:
     runs = table[table["round"] == 0].groupby(["student", "seed"]).ngroups
     return (f"IMP on {Path(d['--dataset']).name}: {arch['model']} (width {arch['width']:g}), {d['--epochs']} "
             f"epochs/round, prune {d['--prune-fraction']:g}/round ({d['--prune-scope']})\n"
-            f"mean ± std over {runs} run(s): {table.student.nunique()} student(s) x seeds")
+            f"mean ± std over {runs} run(s): {table.student.nunique()} student(s) x {table.seed.nunique()} seed(s)")
 
 
 def write_report(folder: Path, table: pd.DataFrame, made: dict) -> pd.DataFrame:

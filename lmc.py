@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -89,7 +88,7 @@ from utils import fingerprint
 from utils.checkpoint import PreemptionSignal
 from utils.hub import new_run_id, push_tables
 from utils.lmc import barriers, error_along_path
-from utils.results import atomic_path, markdown_table, write_json, write_table
+from utils.results import atomic_path, markdown_table, read_json, write_json, write_table
 from utils.supervised import (Classifier, check_state_fits, load_state_file, read_supervised_state, save_state_file,
                                setup_run, start_encoder)
 
@@ -157,9 +156,9 @@ def interpolate_pairs(trainer, finals: dict, args, bn_images, folder: Path,
             if preempt.received:
                 return None
             done = folder / start / f"pair-{i}-{j}.json"
-            if done.exists():
-                errors = json.loads(done.read_text())["errors"]
-            else:
+            saved = read_json(done)
+            errors = saved.get("errors") if isinstance(saved, dict) and saved.get("gammas") == gammas else None
+            if errors is None:  # not evaluated yet, or a file damaged by hand: evaluate the pair (again)
                 points = tqdm(gammas, desc=f"{student} {start} pair {i}-{j}", leave=False,
                               disable=not accelerator.is_main_process)
                 errors = error_along_path(probe, a, b, points, trainer.evaluate, args.bn, bn_images,

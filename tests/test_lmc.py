@@ -263,6 +263,20 @@ def test_interrupted_pairs_resume_and_a_new_start_evaluates_only_its_own_pairs(t
     pd.testing.assert_frame_equal(pd.read_csv(out / "lmc_curves.csv"), pd.read_csv(whole / "lmc_curves.csv"))
 
 
+def test_a_damaged_pair_file_is_evaluated_again_not_a_traceback(tiny_dataset, tmp_path, monkeypatch):
+    student, out = save_tiny_student(tmp_path / "student"), tmp_path / "run"
+    assert lmc.main(lmc_args([student], tiny_dataset, out)) == 0
+    table = pd.read_csv(out / "lmc_table.csv")
+    (folder,) = [p for p in out.iterdir() if p.name.startswith("student-")]
+    (folder / "student" / "pair-0-2.json").write_text('{"gammas": [0.0, 0.5')  # cut short, as by a hand edit
+    real, calls = lmc.error_along_path, []
+    monkeypatch.setattr(lmc, "error_along_path", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (folder / "lmc_table.csv").unlink()  # so that the run is not already finished
+    assert lmc.main(lmc_args([student], tiny_dataset, out)) == 0
+    assert len(calls) == 1  # only the damaged pair
+    pd.testing.assert_frame_equal(pd.read_csv(out / "lmc_table.csv"), table)
+
+
 @pytest.mark.parametrize("extra,flag", [(["--copies", "1"], "--copies"), (["--gammas", "1"], "--gammas"),
                                         (["--starts", "checkpoint"], "--checkpoint"),
                                         (["--student", "/no/such/student"], "--student")])

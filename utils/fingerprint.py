@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from utils.cli import UsageError
-from utils.results import write_json
+from utils.results import read_json, write_json
 
 FILE = "fingerprint.json"
 
@@ -78,10 +78,7 @@ def settings(args, keys) -> dict:
 
 
 def read(folder: Path) -> dict | None:
-    try:
-        return json.loads((Path(folder) / FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_json(Path(folder) / FILE)
 
 
 def _shown(value) -> str:

@@ -64,12 +64,17 @@ RUN_CONTENTS = ("summary.json", "student", "probe_table.csv", "probe_accuracy.pn
                 "tensorboard", "dvclive", "checkpoints", "config.json")
 
 
+def read_json(path) -> dict | list | None:
+    """A JSON file's contents, or None if it is missing or unreadable (a file edited or truncated by hand)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
 def read_config(folder: Path) -> dict | None:
     """A run folder's config.json, or None if it is missing or unreadable."""
-    try:
-        return json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_json(Path(folder) / "config.json")
 
 
 def discard_run(folder: Path, only: tuple[str, ...] = RUN_CONTENTS) -> None:

@@ -19,6 +19,7 @@ a folder made by other students or settings is refused (--overwrite replaces it)
 """
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -234,7 +235,7 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> None:
             ax.fill_between(arm.weights_remaining, mean - std, mean + std, color=color, alpha=0.2, lw=0)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(minor_label))
         ax.invert_xaxis()  # sparser to the right, as in the paper
         ax.set(xlabel="weights remaining (%)", title=f"{metric} test accuracy")
         ax.grid(alpha=0.3, which="both")
@@ -245,6 +246,11 @@ def plot(summary: pd.DataFrame, path: Path, title: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+
+
+def minor_label(value: float, _) -> str:
+    """A log axis's minor tick label, left blank next to a power of ten (90 would print over 100's label)."""
+    return "" if abs(math.log10(value) - round(math.log10(value))) < 0.05 else f"{value:g}"
 
 
 def title_of(made: dict, table: pd.DataFrame) -> str:
